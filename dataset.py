@@ -1,0 +1,497 @@
+"""From raw competition folders to one table: a row per image with its label and its fold.
+
+    python dataset.py --data_dir sample/train --folds 5 --seed 42 --out labels.csv
+    python dataset.py --data_dir data/train --verify          # also decode every image, list bad ones
+
+Layouts (detected from what is in --data_dir, or --layout):
+  mask    train.csv (id,gender,race,age,path) + images/<path>/{mask1..5,incorrect_mask,normal}.*
+  csv     a CSV with an image-path column and a label column (--path_col, --label_col)
+  json    a JSON list of records with an image path and a label field (same options)
+  folder  one sub-folder per class
+This file is the one place for the label formula, class names, age groups and folds.
+"""
+import argparse
+import difflib
+import json
+import os
+import sys
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+MASK_NAMES = ("wear", "incorrect", "not_worn")
+GENDERS = ("male", "female")
+AGE_BOUNDS = (30, 60)  # competition rule: <30, 30-59, >=60
+HEAD_NAMES = ("mask", "gender", "age")
+HEAD_SIZES = (3, 2, 3)
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+MASK_COLUMNS = ("id", "gender", "age", "path")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, never as a traceback."""
+
+
+def run_main(main):
+    """Run a script's main(), turning a UserError into one 'error:' line and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def lookup(registry, name, what):
+    """registry[name], or a UserError naming close matches and every valid name."""
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(str(name), list(registry), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UserError(f"unknown {what} '{name}'{hint} valid: {', '.join(registry)}")
+
+
+# ---- labels: the one formula ----------------------------------------------------------------
+def age_group(age, bounds=AGE_BOUNDS):
+    """0 below bounds[0], 1 up to bounds[1]-1, 2 from bounds[1] (an age equal to a bound goes up)."""
+    return np.digitize(age, bounds)
+
+
+def make_label(mask, gender, age_grp):
+    return mask * 6 + gender * 3 + age_grp
+
+
+def split_label(label):
+    """18-class label -> (mask, gender, age group); works on ints, numpy arrays and tensors."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def mask_class_names(bounds=AGE_BOUNDS):
+    ages = (f"<{bounds[0]}", f"{bounds[0]}-{bounds[1] - 1}", f">={bounds[1]}")
+    return [f"{m}/{g}/{a}" for m in MASK_NAMES for g in GENDERS for a in ages]
+
+
+# ---- layouts ---------------------------------------------------------------------------------
+def read_csv_checked(path, columns=(), **kwargs):
+    """pandas.read_csv with one-line errors for a missing file or missing columns."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} not found: point --data_dir at the folder that holds it")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}); "
+                        "fix the header or pass the right --path_col/--label_col")
+    return table
+
+
+def is_image_file(entry):
+    """Real images only: no hidden files, no AppleDouble '._*' junk, known extensions."""
+    return not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_EXTS
+
+
+def mask_layout_paths(data_dir):
+    """data_dir may be the train folder (train.csv + images/) or its images folder."""
+    data_dir = Path(data_dir)
+    if (data_dir / "train.csv").is_file():
+        return data_dir / "train.csv", data_dir / "images"
+    return data_dir.parent / "train.csv", data_dir
+
+
+def read_mask_layout(data_dir, age_bounds=AGE_BOUNDS, **_):
+    """One row per image of every person in train.csv; odd folders are reported, not dropped."""
+    csv_path, image_dir = mask_layout_paths(data_dir)
+    people = read_csv_checked(csv_path, MASK_COLUMNS)
+    rows, notes = [], []
+    for person in people.itertuples():
+        folder = image_dir / person.path
+        if not folder.is_dir():
+            raise UserError(f"{folder} named in {csv_path} does not exist: fix the path column or the folder")
+        if person.gender not in GENDERS or not person.age.strip().isdigit():
+            raise UserError(f"{csv_path}: person {person.id} has gender '{person.gender}', age '{person.age}'; "
+                            "expected male/female and a whole number")
+        found = {}
+        for entry in os.scandir(folder):
+            if not entry.is_file() or not is_image_file(entry):
+                continue
+            stem = Path(entry.name).stem
+            if stem not in MASK_FILES or stem in found:
+                notes.append(f"{folder.name}/{entry.name}: {'duplicate' if stem in found else 'unexpected'} "
+                             "picture, skipped")
+                continue
+            found[stem] = entry.name
+        missing = sorted(set(MASK_FILES) - set(found))
+        if missing:
+            notes.append(f"{folder.name}: missing {', '.join(missing)}")
+        gender, age = GENDERS.index(person.gender), int(person.age)
+        for stem, name in sorted(found.items()):
+            rows.append((os.path.relpath(folder / name, data_dir), person.id, MASK_FILES[stem], gender, age))
+    table = pd.DataFrame(rows, columns=["path", "profile", "mask", "gender", "age"])
+    table["label"] = make_label(table["mask"], table["gender"], age_group(table["age"], age_bounds))
+    return table, mask_class_names(age_bounds), notes
+
+
+def resolve_image(root, name):
+    """The file for a path or id as written in an annotation, trying images/ and common extensions."""
+    for base in (root, root / "images", root / "train", root / "test"):
+        for candidate in (base / name, *(base / f"{name}{ext}" for ext in (".jpg", ".png", ".jpeg"))):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def table_from_records(records, root, source, path_col, label_col, group_col):
+    """Annotation records -> table with class indices; class names come from the data."""
+    for col in (path_col, label_col):
+        if col not in records.columns:
+            raise UserError(f"{source} has no field '{col}' (fields: {', '.join(map(str, records.columns))}); "
+                            "pass --path_col/--label_col")
+    files = [resolve_image(root, str(name)) for name in records[path_col]]
+    missing = [str(n) for n, f in zip(records[path_col], files) if f is None]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} images not found under {root} (first: {missing[0]}); "
+                        "fix --path_col or the image folder")
+    labels = records[label_col].astype(str)
+    numeric = labels.str.fullmatch(r"-?\d+").all()
+    classes = sorted(labels.unique(), key=int if numeric else str)
+    table = pd.DataFrame({"path": [os.path.relpath(f, root) for f in files],
+                          "profile": records[group_col].astype(str) if group_col else "",
+                          "label": labels.map({c: i for i, c in enumerate(classes)}).to_numpy()})
+    return table, classes, []
+
+
+def single_file(data_dir, pattern, given):
+    """The annotation file: --ann_file if given, else the one file matching pattern in data_dir."""
+    if given:
+        path = Path(given) if Path(given).is_absolute() or Path(given).exists() else Path(data_dir) / given
+        if not path.is_file():
+            raise UserError(f"{path} not found: check --ann_file")
+        return path
+    found = sorted(Path(data_dir).glob(pattern))
+    if len(found) != 1:
+        raise UserError(f"{data_dir}: expected one {pattern} file, found {len(found)}; name it with --ann_file")
+    return found[0]
+
+
+def read_csv_layout(data_dir, ann_file=None, path_col="path", label_col="label", group_col=None, **_):
+    csv_path = single_file(data_dir, "*.csv", ann_file)
+    records = read_csv_checked(csv_path, [group_col] if group_col else [])
+    return table_from_records(records, Path(data_dir), csv_path, path_col, label_col, group_col)
+
+
+def read_json_layout(data_dir, ann_file=None, path_col="path", label_col="label", group_col=None, **_):
+    json_path = single_file(data_dir, "*.json", ann_file)
+    try:
+        data = json.loads(json_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{json_path} is not valid JSON ({err}); fix the file") from None
+    if isinstance(data, dict):  # {"annotations": [...]} and the like: the one list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{json_path} must hold a list of records like "
+                        f'{{"{path_col}": "img.jpg", "{label_col}": "cat"}}')
+    records = pd.DataFrame(data)
+    if group_col and group_col not in records.columns:
+        raise UserError(f"{json_path} has no field '{group_col}': fix --group_col")
+    return table_from_records(records, Path(data_dir), json_path, path_col, label_col, group_col)
+
+
+def read_folder_layout(data_dir, **_):
+    """One sub-folder per class; images anywhere below it."""
+    data_dir = Path(data_dir)
+    classes = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    rows = []
+    for index, name in enumerate(classes):
+        for folder, dirs, files in os.walk(data_dir / name):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            rows += [(os.path.relpath(Path(folder) / f, data_dir), index) for f in sorted(files)
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTS]
+    if not rows:
+        raise UserError(f"{data_dir}: no images found in class sub-folders")
+    table = pd.DataFrame(rows, columns=["path", "label"])
+    table.insert(1, "profile", "")
+    return table, classes, []
+
+
+LAYOUTS = {"mask": read_mask_layout, "csv": read_csv_layout, "json": read_json_layout,
+           "folder": read_folder_layout}
+
+
+def detect_layout(data_dir):
+    """Pick the layout from what is in data_dir."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} is not a folder: pass --data_dir (or set SM_CHANNEL_TRAIN)")
+    if mask_layout_paths(data_dir)[0].is_file():
+        return "mask"
+    if any(data_dir.glob("*.json")):
+        return "json"
+    if any(data_dir.glob("*.csv")):
+        return "csv"
+    if any(d.is_dir() and not d.name.startswith(".") for d in data_dir.iterdir()):
+        return "folder"
+    raise UserError(f"{data_dir}: no train.csv, *.json, *.csv or class folders found; pass --layout")
+
+
+# ---- folds -----------------------------------------------------------------------------------
+def assign_folds(table, folds=5, seed=42, val_ratio=0.2, grouped=True):
+    """Stratified K folds that never split a person (or group); folds=1 is one grouped holdout
+    of val_ratio (fold 0; the rest get -1, train only). grouped=False splits images at random,
+    which leaks people across folds (kept only to measure that leak)."""
+    has_groups = grouped and (table["profile"] != "").any()
+    groups = table["profile"] if has_groups else np.arange(len(table))
+    splits = folds if folds > 1 else max(2, round(1 / val_ratio))
+    n_groups = len(np.unique(groups))
+    if splits > n_groups:
+        raise UserError(f"{splits} folds but only {n_groups} {'people/groups' if has_groups else 'images'}: "
+                        "lower --folds")
+    splitter = (StratifiedGroupKFold if has_groups else StratifiedKFold)(splits, shuffle=True, random_state=seed)
+    fold = np.full(len(table), -1)
+    with warnings.catch_warnings():  # rare classes with fewer members than folds are expected
+        warnings.simplefilter("ignore", UserWarning)
+        splits = list(splitter.split(table, table["label"], groups))
+    for index, (_, val_rows) in enumerate(splits):
+        if index < folds:
+            fold[val_rows] = index
+    return table.assign(fold=fold)
+
+
+# ---- corrections: drop or relabel listed images ------------------------------------------------
+def select_rows(table, row):
+    """Rows that a correction row names: by path, or by profile (+ optional image stem)."""
+    if row.get("path"):
+        return table["path"] == row["path"]
+    picked = table["profile"] == row["profile"]
+    if row.get("image"):
+        picked &= table["path"].map(lambda p: Path(p).stem) == row["image"]
+    return picked
+
+
+def apply_corrections(table, classes, drop_list=None, relabel_list=None, age_bounds=AGE_BOUNDS):
+    """Drop rows named in drop_list; set field=value for rows named in relabel_list, then relabel."""
+    table = table.copy()
+    if drop_list:
+        drops = read_csv_checked(drop_list)
+        keep = ~np.logical_or.reduce([select_rows(table, r) for r in drops.to_dict("records")] or [False])
+        table = table[keep].reset_index(drop=True)
+    if relabel_list:
+        names = {"gender": list(GENDERS), "mask": list(MASK_NAMES), "label": list(classes)}
+        for row in read_csv_checked(relabel_list, ["field", "value"]).to_dict("records"):
+            if row["field"] not in ("gender", "mask", "label"):
+                raise UserError(f"{relabel_list}: field must be gender, mask or label, not '{row['field']}'")
+            value = row["value"]
+            value = names[row["field"]].index(value) if value in names[row["field"]] else int(value)
+            table.loc[select_rows(table, row), row["field"]] = value
+        if "mask" in table and table["mask"].notna().all():
+            table["label"] = make_label(table["mask"], table["gender"], age_group(table["age"], age_bounds))
+    return table
+
+
+def build_table(data_dir, layout="auto", folds=5, seed=42, val_ratio=0.2, grouped=True,
+                age_bounds=AGE_BOUNDS, drop_list=None, relabel_list=None, **layout_options):
+    """The training table (path, profile, mask, gender, age, label, fold), class names and notes."""
+    layout = detect_layout(data_dir) if layout == "auto" else layout
+    table, classes, notes = lookup(LAYOUTS, layout, "layout")(data_dir, age_bounds=age_bounds, **layout_options)
+    if table.empty:
+        raise UserError(f"{data_dir}: no images found for the {layout} layout")
+    table = apply_corrections(table, classes, drop_list, relabel_list, age_bounds)
+    for col in ("mask", "gender", "age"):
+        if col not in table:
+            table[col] = pd.NA
+    table = table[["path", "profile", "mask", "gender", "age", "label"]]
+    return assign_folds(table, folds, seed, val_ratio, grouped), classes, notes, layout
+
+
+def read_test_table(data_dir, submission=None):
+    """Test images and the submission frame to fill: the mask layout's info.csv (ImageID,ans) or a
+    sample-submission CSV whose first column names the image and second is the answer."""
+    data_dir = Path(data_dir)
+    if submission is None:
+        candidates = [data_dir / "info.csv", data_dir.parent / "info.csv"] + sorted(data_dir.glob("*.csv"))
+        submission = next((c for c in candidates if c.is_file()), None)
+        if submission is None:
+            raise UserError(f"{data_dir}: no info.csv or sample-submission CSV; pass --submission")
+    frame = read_csv_checked(submission)
+    if frame.shape[1] < 2:
+        raise UserError(f"{submission} needs an id column and an answer column (like ImageID,ans)")
+    id_col = frame.columns[0]
+    root = data_dir if submission.parent == data_dir else submission.parent
+    files = [resolve_image(root, name) for name in frame[id_col]]
+    missing = [n for n, f in zip(frame[id_col], files) if f is None]
+    if missing:
+        raise UserError(f"{submission} names {len(missing)} images not found under {root} "
+                        f"(first: {missing[0]}); fix the file or --data_dir")
+    return frame, [str(f) for f in files], Path(submission)
+
+
+# ---- images ------------------------------------------------------------------------------------
+def load_image(path, draft_size=None, box=None):
+    """RGB PIL image with EXIF orientation applied; JPEGs decode at reduced size when draft_size
+    (w, h) is small (several times faster); box (x0, y0, x1, y1, in full-size pixels) crops."""
+    with Image.open(path) as image:
+        full_w, full_h = image.size
+        if draft_size and image.format == "JPEG":
+            scale = max(draft_size[0] / full_w, draft_size[1] / full_h)
+            if box is not None:
+                scale /= max((box[2] - box[0]) / full_w, (box[3] - box[1]) / full_h, 1e-3)
+            image.draft("RGB", (int(full_w * scale) + 1, int(full_h * scale) + 1))
+        shrink = image.size[0] / full_w
+        image = ImageOps.exif_transpose(image)
+        if box is not None:
+            image = image.crop(tuple(round(v * shrink) for v in box))
+        return image.convert("RGB")
+
+
+def check_image(path):
+    """None if the image decodes completely, else the reason."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (image.size[0] // 8 + 1, image.size[1] // 8 + 1))  # decodes every byte, faster
+            image.load()
+        return None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def find_bad_images(paths, workers=None):
+    """[(path, reason)] for every file that does not decode, checked in parallel."""
+    with Pool(workers or os.cpu_count()) as pool:
+        reasons = pool.map(check_image, paths, chunksize=64)
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def read_boxes(boxes_csv, paths, margin=0.2):
+    """Crop boxes for paths from a CSV (path,x0,y0,x1,y1), widened by margin of their size."""
+    boxes = read_csv_checked(boxes_csv, ["path", "x0", "y0", "x1", "y1"]).set_index("path")
+    missing = [p for p in paths if p not in boxes.index]
+    if missing:
+        raise UserError(f"{boxes_csv} has no box for {len(missing)} images (first: {missing[0]}); "
+                        "re-run crop_faces.py on this data")
+    xyxy = boxes.loc[list(paths), ["x0", "y0", "x1", "y1"]].astype(float).to_numpy()
+    pad = np.repeat((xyxy[:, 2:] - xyxy[:, :2]) * margin, 2, axis=0).reshape(-1, 4) * [-1, -1, 1, 1]
+    return [tuple(b) for b in (xyxy + pad).clip(min=0)]
+
+
+# ---- augmentation presets: uint8 tensors out; the model normalizes ------------------------------
+def resize_ops(size, interpolation):
+    return [T.Resize(size, interpolation=interpolation, antialias=True), T.ToImage()]
+
+
+AUGMENTATIONS = {
+    "base": lambda size, interp: resize_ops(size, interp),
+    "flip": lambda size, interp: resize_ops(size, interp) + [T.RandomHorizontalFlip()],
+    "strong": lambda size, interp: [
+        T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8 * size[1] / size[0], 1.25 * size[1] / size[0]),
+                            interpolation=interp, antialias=True),
+        T.ToImage(), T.RandomHorizontalFlip(), T.RandomAffine(degrees=10),
+        T.ColorJitter(0.3, 0.3, 0.3, 0.05), T.RandomErasing(p=0.25, value=0)],
+    "randaugment": lambda size, interp: resize_ops(size, interp) + [T.RandomHorizontalFlip(), T.RandAugment()],
+    "trivialaugment": lambda size, interp: resize_ops(size, interp) + [T.RandomHorizontalFlip(),
+                                                                       T.TrivialAugmentWide()],
+}
+
+
+def build_transform(augmentation, input_size, interpolation="bilinear", train=True):
+    """The preset's ops for training, plain resize for evaluation; PIL in, uint8 CHW tensor out."""
+    size = tuple(input_size[-2:])
+    interp = T.InterpolationMode(interpolation if interpolation in ("bilinear", "bicubic", "nearest")
+                                 else "bilinear")
+    ops = lookup(AUGMENTATIONS, augmentation, "augmentation")(size, interp) if train else resize_ops(size, interp)
+    return T.Compose(ops + [T.ToDtype(torch.uint8)])
+
+
+class ImageDataset(Dataset):
+    """Images of a table as (uint8 CHW tensor, label, row index); labels None -> -1 (test images).
+    heads=True adds (mask, gender, age group) for multi-head models on the mask layout."""
+
+    def __init__(self, files, labels=None, transform=None, boxes=None, draft_size=None, heads=False):
+        self.files, self.transform, self.boxes = list(files), transform, boxes
+        self.labels = np.full(len(self.files), -1) if labels is None else np.asarray(labels)
+        self.draft_size, self.heads = draft_size, heads
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        box = self.boxes[index] if self.boxes is not None else None
+        image = self.transform(load_image(self.files[index], self.draft_size, box))
+        label = int(self.labels[index])
+        return (image, label, index, torch.tensor(split_label(label))) if self.heads else (image, label, index)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def add_data_args(parser):
+    """Data arguments shared by dataset.py and train.py."""
+    parser.add_argument("--layout", default="auto", help=f"auto or one of: {', '.join(LAYOUTS)}")
+    parser.add_argument("--ann_file", default=None, help="annotation CSV/JSON for csv/json layouts")
+    parser.add_argument("--path_col", default="path", help="image path column/field (csv, json)")
+    parser.add_argument("--label_col", default="label", help="label column/field (csv, json)")
+    parser.add_argument("--group_col", default=None, help="group column kept in one fold (csv, json)")
+    parser.add_argument("--age_bounds", type=int, nargs=2, default=list(AGE_BOUNDS), help="age group edges")
+    parser.add_argument("--folds", type=int, default=5, help="K folds; 1 = one grouped holdout")
+    parser.add_argument("--val_ratio", type=float, default=0.2, help="holdout share when --folds 1")
+    parser.add_argument("--split", default="group", choices=["group", "random"],
+                        help="group keeps each person in one fold; random leaks (for comparison only)")
+    parser.add_argument("--drop_list", default=None, help="CSV of images to leave out (path or profile)")
+    parser.add_argument("--relabel_list", default=None, help="CSV of corrections (path|profile[,image],field,value)")
+
+
+def table_from_args(args):
+    return build_table(args.data_dir, args.layout, args.folds, args.seed, args.val_ratio, args.split == "group",
+                       tuple(args.age_bounds), args.drop_list, args.relabel_list, ann_file=args.ann_file,
+                       path_col=args.path_col, label_col=args.label_col, group_col=args.group_col)
+
+
+def summarize(table, classes, notes):
+    people = table["profile"].replace("", pd.NA).nunique()
+    lines = [f"{len(table)} images, {people} people/groups, {len(classes)} classes"]
+    counts = table["label"].value_counts().reindex(range(len(classes)), fill_value=0)
+    lines += [f"  {i:>3} {name:<28} {n}" for i, (name, n) in enumerate(zip(classes, counts))]
+    lines.append("fold sizes: " + ", ".join(f"{f}: {n}" for f, n in table["fold"].value_counts().sort_index().items()))
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", "sample/train"))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=None, help="write the table here (CSV)")
+    parser.add_argument("--verify", action="store_true", help="decode every image and list unreadable ones")
+    add_data_args(parser)
+    args = parser.parse_args()
+    table, classes, notes, layout = table_from_args(args)
+    print(f"layout: {layout}\n{summarize(table, classes, notes)}")
+    if args.verify:
+        bad = find_bad_images([str(Path(args.data_dir) / p) for p in table["path"]])
+        if bad:
+            raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
+                            + " — remove or replace them")
+        print(f"verified: all {len(table)} images decode")
+    if args.out:
+        atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,132 @@
+"""Fold-ensemble prediction with test-time augmentation, written as an exact submission file.
+
+    python inference.py --data_dir sample/eval --model_dir model/exp --output_dir output
+    python inference.py --model_dir model/exp model/exp2 --tta            # cross-run ensemble, flip TTA
+    python inference.py --data_dir test --submission test/sample_submission.csv --model_dir model/exp
+
+Every fold's best.pth (or --folds, --checkpoint last) is run on each decoded batch and the probabilities
+averaged (soft voting). OUTPUT/output.csv has info.csv's (or the sample submission's) columns and row
+order with the answer filled; OUTPUT/probs.csv holds the averaged probabilities for later blending.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import (ImageDataset, UserError, atomic_write, build_transform, find_bad_images, read_boxes,
+                     read_test_table, run_main)
+from model import load_checkpoint, predict_probs
+
+
+def parse_args(argv=None):
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data_dir", default=env("SM_CHANNEL_EVAL", "sample/eval"), help="test folder (info.csv)")
+    p.add_argument("--model_dir", nargs="+", default=[env("SM_CHANNEL_MODEL", "model/exp")],
+                   help="one or more run folders made by train.py (several = cross-run ensemble)")
+    p.add_argument("--output_dir", default=env("SM_OUTPUT_DATA_DIR", "output"), help="where output.csv goes")
+    p.add_argument("--submission", default=None, help="sample-submission CSV (default: info.csv)")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="only these folds (default: all)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
+    p.add_argument("--tta", action="store_true", help="also predict the horizontally flipped image")
+    p.add_argument("--crop", default=None, help="boxes CSV for the test images (crop_faces.py)")
+    p.add_argument("--batch_size", type=int, default=128, help="images per batch")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    return p.parse_args(argv)
+
+
+def load_run(run_dir, folds=None, which="best", device="cpu"):
+    """The fold models of a run folder and its config; each checkpoint must match the config."""
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} not found: --model_dir takes a run folder made by train.py")
+    config = json.loads(config_path.read_text())
+    paths = sorted(Path(run_dir).glob(f"fold*/{which}.pth"), key=lambda p: int(p.parent.name[4:]))
+    paths = [p for p in paths if folds is None or int(p.parent.name[4:]) in folds]
+    if not paths:
+        raise UserError(f"{run_dir} has no fold*/{which}.pth" + (f" for folds {folds}" if folds else "")
+                        + ": train first or check --folds")
+    models = []
+    for path in paths:
+        model, saved = load_checkpoint(path, device)
+        for key in ("model", "head", "classes"):
+            if saved[key] != config[key]:
+                raise UserError(f"{path} has {key}={saved[key]!r} but {config_path} says {config[key]!r}: "
+                                "the checkpoint comes from another run; copy the right one")
+        models.append(model)
+    return models, config
+
+
+def load_ensemble(run_dirs, folds, which, device):
+    """[(config, models)] for every run; all runs must predict the same classes."""
+    runs = [load_run(d, folds, which, device)[::-1] for d in run_dirs]
+    for run_dir, (config, _) in zip(run_dirs[1:], runs[1:]):
+        if config["classes"] != runs[0][0]["classes"]:
+            raise UserError(f"{run_dir} predicts other classes than {run_dirs[0]}: ensemble runs of one task")
+    return runs
+
+
+def predict_run(config, models, files, boxes, args, device):
+    """Averaged probabilities of one run's models over the test files (each image decoded once)."""
+    size = config["input_size"]
+    transform = build_transform("base", size, config["interpolation"], train=False)
+    dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
+    loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available())
+    probs, rows = predict_probs(models, loader, config["head"], device, args.amp, config["channels_last"], args.tta)
+    return probs[np.argsort(rows)]
+
+
+def check_submission(frame, template, answer_col, probs, num_classes):
+    """Refuse to write a submission whose rows, ids or answers differ from what is expected."""
+    if len(frame) != len(template) or not frame.iloc[:, 0].equals(template.iloc[:, 0]):
+        raise UserError("predictions do not line up with the submission template's ids; nothing written")
+    if not np.isfinite(probs).all():
+        raise UserError(f"{int((~np.isfinite(probs)).sum())} predicted probabilities are NaN/inf; nothing written")
+    if probs.shape != (len(template), num_classes) or frame[answer_col].isna().any():
+        raise UserError(f"probabilities have shape {probs.shape}, expected {(len(template), num_classes)}")
+
+
+def write_outputs(output_dir, template, config, probs):
+    """output.csv (template with answers: class index for the mask layout, else class name) and
+    probs.csv, each written whole or not at all."""
+    id_col, answer_col = template.columns[:2]
+    classes, answers = config["classes"], probs.argmax(1)
+    frame = template.copy()
+    frame[answer_col] = answers if config["layout"] == "mask" else [classes[a] for a in answers]
+    check_submission(frame, template, answer_col, probs, len(classes))
+    prob_frame = pd.concat([template[[id_col]], pd.DataFrame(probs, columns=[f"p{i}" for i in range(len(classes))])],
+                           axis=1)
+    atomic_write(Path(output_dir) / "probs.csv", lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"))
+    atomic_write(Path(output_dir) / "output.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    return frame
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = load_ensemble(args.model_dir, args.folds, args.checkpoint, device)
+    template, files, submission_path = read_test_table(args.data_dir, args.submission)
+    bad = find_bad_images(files)
+    if bad:  # never skipped: a submission must have every row
+        raise UserError(f"{len(bad)} unreadable test images: " + "; ".join(f"{p} ({r})" for p, r in bad[:5])
+                        + " — replace them; nothing written")
+    relative = [os.path.relpath(f, submission_path.parent) for f in files]
+    boxes = read_boxes(args.crop, relative, runs[0][0].get("crop_margin", 0.2)) if args.crop else None
+    n_models = sum(len(models) for _, models in runs)
+    probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
+                for config, models in runs) / n_models
+    frame = write_outputs(args.output_dir, template, runs[0][0], probs)
+    counts = frame.iloc[:, 1].value_counts().sort_index()
+    print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''} -> "
+          f"{Path(args.output_dir) / 'output.csv'}\nanswer counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,203 @@
+"""Any timm backbone behind one small wrapper that normalizes its own input.
+
+    from model import create_model, to_probs
+    model = create_model("tf_efficientnet_lite0", num_classes=18, head="multi", weights="lite0.pth")
+    probs = to_probs(model(images_uint8), head="multi")    # (N, 18) in both head layouts
+
+Images go in as RGB in 0..255 (uint8 or float), so train, inference, export and the demo page share
+one preprocessing: resize (size from `data_config`) and nothing else.
+"""
+import difflib
+from contextlib import nullcontext
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from dataset import HEAD_SIZES, UserError, lookup
+
+HEADS = {"single": lambda num_classes: num_classes,    # one softmax over all classes
+         "multi": lambda num_classes: sum(HEAD_SIZES)}  # mask 3 | gender 2 | age 3 logits
+
+
+class Classifier(nn.Module):
+    """A timm backbone that takes 0-255 RGB images and applies its own mean/std."""
+
+    def __init__(self, backbone, mean, std):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images):
+        return self.backbone((images.float() - self.mean) / self.std)
+
+
+def to_probs(logits, head="single"):
+    """Logits -> class probabilities; multi-head: product of the three softmaxes, in label order."""
+    if head == "single":
+        return logits.float().softmax(1)
+    mask, gender, age = (part.float().softmax(1) for part in logits.split(HEAD_SIZES, dim=1))
+    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
+
+
+def check_model_name(name):
+    if not timm.is_model(name.split(".")[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise UserError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else "")
+                        + " (see timm.list_models())")
+
+
+def read_state_dict(path):
+    """A plain timm state dict, or the backbone of a checkpoint saved by train.py."""
+    if not Path(path).is_file():
+        raise UserError(f"weights file {path} not found: check --weights")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a PyTorch weights file ({type(err).__name__}); check --weights") from None
+    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    strip = ("module.", "backbone.")
+    return {k[len(p):] if (p := next((p for p in strip if k.startswith(p)), "")) else k: v
+            for k, v in state.items() if k not in ("mean", "std")}
+
+
+def load_weights(backbone, path):
+    """Load a local weight file; a classifier of another size is dropped, any other misfit is an error."""
+    state, own = read_state_dict(path), backbone.state_dict()
+    classifier = backbone.pretrained_cfg.get("classifier", "")
+    classifier = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    is_head = lambda key: any(key.startswith(c + ".") for c in classifier)
+    state = {k: v for k, v in state.items() if not (is_head(k) and k in own and v.shape != own[k].shape)}
+    misfit = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not is_head(k)]
+    unexpected = [k for k in state if k not in own]
+    if misfit or missing or unexpected:
+        raise UserError(f"{path} does not fit {backbone.pretrained_cfg.get('architecture')}: "
+                        f"{len(misfit)} shapes differ{' (' + misfit[0] + ')' if misfit else ''}, "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected tensors; "
+                        "pass weights made for this --model")
+    backbone.load_state_dict(state, strict=False)
+
+
+def create_backbone(name, outputs, pretrained, weights, **kwargs):
+    """timm.create_model with one-line errors for unknown names and failed downloads."""
+    check_model_name(name)
+    if weights or not pretrained:
+        backbone = timm.create_model(name, pretrained=False, num_classes=outputs, **kwargs)
+        if weights:
+            load_weights(backbone, weights)
+        return backbone
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=outputs, **kwargs)
+    except Exception as err:  # hub errors come as many types (OSError, HTTP errors, RuntimeError)
+        raise UserError(f"could not get pretrained weights for {name} ({type(err).__name__}: {str(err)[:120]}); "
+                        "pass --weights PATH for a local file or --no-pretrained") from None
+
+
+def create_model(name, num_classes, head="single", pretrained=True, weights=None, input_size=None, **kwargs):
+    """A Classifier over timm's `name` with `head` outputs; input_size (3, H, W) is checked to fit."""
+    outputs = lookup(HEADS, head, "head")(num_classes)
+    backbone = create_backbone(name, outputs, pretrained, weights, **kwargs)
+    config = data_config(backbone)
+    model = Classifier(backbone, config["mean"], config["std"])
+    if input_size is not None:
+        check_input_size(model, name, input_size, config["input_size"])
+    return model
+
+
+def check_input_size(model, name, input_size, default_size):
+    """One forward pass at input_size, so a size the backbone cannot take fails now, in one line."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        raise UserError(f"--resize {input_size[1]} {input_size[2]} does not fit {name} "
+                        f"({str(err).splitlines()[0][:100]}); try its default {default_size[1]} {default_size[2]}"
+                        ) from None
+    model.train()
+
+
+def data_config(backbone, resize=None):
+    """Input size, mean/std and interpolation from the backbone's pretrained config (timm)."""
+    config = timm.data.resolve_data_config(model=backbone)
+    if resize:
+        height, width = (resize[0], resize[-1]) if isinstance(resize, (list, tuple)) else (resize, resize)
+        config["input_size"] = (3, height, width)
+    return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in config.items()}
+
+
+def head_parameters(model):
+    """The classifier's parameters (the part trained at the full learning rate)."""
+    return list(model.backbone.get_classifier().parameters())
+
+
+def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False):
+    """Optimizer groups: the head at lr, the backbone at lr * backbone_lr_scale (or frozen)."""
+    head_ids = {id(p) for p in head_parameters(model)}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    for p in backbone:
+        p.requires_grad_(not freeze_backbone)
+    groups = [{"params": head_parameters(model), "lr": lr}]
+    if not freeze_backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_scale})
+    return groups
+
+
+def load_checkpoint(path, device="cpu"):
+    """A model saved by train.py and its config (model name, head, classes, input size)."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} not found: train first, or check --model_dir")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a checkpoint ({type(err).__name__}); re-run train.py") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UserError(f"{path} was not saved by train.py (no config); use it with --weights instead")
+    config = checkpoint["config"]
+    model = create_model(config["model"], len(config["classes"]), config["head"], pretrained=False)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        raise UserError(f"{path} does not match its own config ({str(err).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), config
+
+
+def amp_dtype(device, amp="auto"):
+    """Autocast dtype: bf16 where the hardware runs it fast (recent GPUs, AVX512-BF16/AMX CPUs),
+    fp16 on older GPUs, None (fp32) otherwise or with amp='off'."""
+    if amp != "auto":
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported() else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def to_device(images, device, channels_last=True):
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+@torch.no_grad()
+def predict_probs(models, loader, head, device, amp="auto", channels_last=True, tta=False):
+    """Mean class probabilities of one or several models over a loader (each batch decoded once,
+    every model and the flipped view run on it); returns (probs, row indices) as numpy arrays."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    for model in models:
+        model.eval()
+    dtype, probs, rows = amp_dtype(device, amp), [], []
+    for images, _, index, *_ in loader:
+        images = to_device(images, device, channels_last)
+        views = [images, images.flip(3)] if tta else [images]
+        with autocast(device, dtype):
+            batch = sum(to_probs(m(v), head) for m in models for v in views) / (len(models) * len(views))
+        probs.append(batch.float().cpu())
+        rows.append(index)
+    return torch.cat(probs).numpy(), torch.cat(rows).numpy()

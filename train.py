@@ -1,0 +1,485 @@
+"""K-fold training with person-grouped folds, out-of-fold scores and one run folder per experiment.
+
+    python train.py --model tf_efficientnet_lite0 --epochs 10 --resize 256 192
+    python train.py --config my.yaml --folds 5 --fold 0          # one fold; any argument from a YAML/JSON
+    python train.py --resume model/exp3                          # continue an interrupted run
+    torchrun --nproc_per_node 2 train.py ...                     # DistributedDataParallel
+
+The run folder (model_dir/name, numbered if it exists) gets config.json, folds.csv, fold{i}/best.pth
+and last.pth, fold{i}/oof.csv, oof.csv, metrics.json, log.csv, confusion.png and TensorBoard events:
+everything inference.py needs. See --help for every argument.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+import torch.distributed as dist
+from sklearn.metrics import f1_score
+from timm.data import Mixup
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from tqdm import tqdm
+
+from dataset import (UserError, add_data_args, atomic_write, build_transform, find_bad_images, lookup,
+                     read_boxes, run_main, summarize, table_from_args, ImageDataset)
+from loss import create_criterion
+from model import (amp_dtype, autocast, check_model_name, create_model, data_config, param_groups, predict_probs,
+                   to_device, to_probs)
+from report import write_run_metrics
+
+KIT_VERSION = 1  # bumped when the run-folder format changes
+OPTIMIZERS = {"sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True,
+                                                            weight_decay=wd),
+              "adam": lambda groups, lr, wd: torch.optim.Adam(groups, lr=lr, weight_decay=wd),
+              "adamw": lambda groups, lr, wd: torch.optim.AdamW(groups, lr=lr, weight_decay=wd)}
+SCHEDULERS = {"cosine": "cosine", "step": "step", "plateau": "plateau", "none": None}  # ours -> timm's
+
+
+def parse_args(argv=None):
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML/JSON file of argument defaults (the command line wins)")
+    p.add_argument("--data_dir", default=env("SM_CHANNEL_TRAIN", "sample/train"), help="training data folder")
+    p.add_argument("--model_dir", default=env("SM_MODEL_DIR", "model"), help="where run folders are made")
+    p.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... if taken)")
+    p.add_argument("--seed", type=int, default=42, help="fixes folds, init, order and augmentation")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per fold")
+    p.add_argument("--fold", type=int, default=None, help="train only this fold")
+    add_data_args(p)
+    p.add_argument("--dataset", dest="layout", help="alias of --layout (the baseline's name)")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="any timm.list_models() name")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet weights")
+    p.add_argument("--weights", default=None, help="local weight file (offline); implies pretrained")
+    p.add_argument("--head", default="single", help="single (C-way) or multi (mask 3 + gender 2 + age 3)")
+    p.add_argument("--resize", type=int, nargs="+", default=None, help="input H [W]; default: the model's")
+    p.add_argument("--augmentation", default="flip", help="base, flip, strong, randaugment, trivialaugment")
+    p.add_argument("--crop", default=None, help="boxes CSV from crop_faces.py: train on the crops")
+    p.add_argument("--crop_margin", type=float, default=0.2, help="box widened by this share of its size")
+    p.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    p.add_argument("--valid_batch_size", type=int, default=128, help="validation batch size")
+    p.add_argument("--accum_steps", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--optimizer", default="adamw", help=f"one of: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head")
+    p.add_argument("--backbone_lr_scale", type=float, default=1.0, help="backbone lr = lr * this")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
+    p.add_argument("--freeze_backbone", action="store_true", help="train the head only")
+    p.add_argument("--scheduler", default="cosine", help=f"one of: {', '.join(SCHEDULERS)}")
+    p.add_argument("--warmup_epochs", type=int, default=1, help="linear warm-up epochs (cosine, step)")
+    p.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr halvings (step)")
+    p.add_argument("--criterion", default="ce", help="ce, label_smoothing, focal, f1, weighted_ce or a+b")
+    p.add_argument("--criterion_weights", default=None, help="weights of a+b criteria, e.g. 0.7,0.3")
+    p.add_argument("--head_weights", default=None, help="multi head: loss weights of mask,gender,age")
+    p.add_argument("--smoothing", type=float, default=0.1, help="label_smoothing amount")
+    p.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    p.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted: balance classes")
+    p.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (0 = off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (0 = off)")
+    p.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights")
+    p.add_argument("--ema_decay", type=float, default=0.998, help="EMA decay per step")
+    p.add_argument("--patience", type=int, default=0, help="stop a fold after this many epochs without gain")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
+    p.add_argument("--log_interval", type=int, default=20, help="batches between progress-bar updates")
+    p.add_argument("--skip_bad_images", action="store_true", help="drop unreadable images instead of stopping")
+    p.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept)")
+    p.add_argument("--fold_per_device", action="store_true", help="one process per GPU, each its own folds")
+    args = p.parse_args(argv)
+    if args.config:
+        p.set_defaults(**read_config(args.config, p))
+        args = p.parse_args(argv)
+    return args
+
+
+def read_config(path, parser):
+    """Argument defaults from a YAML or JSON file; unknown keys are an error."""
+    if not Path(path).is_file():
+        raise UserError(f"config file {path} not found")
+    import yaml  # YAML is a superset of JSON, so one reader serves both
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{path}: unknown settings {', '.join(unknown)}; see train.py --help")
+    return values
+
+
+def check_args(args, layout):
+    """Arguments that cannot work together fail before anything is written."""
+    lookup(OPTIMIZERS, args.optimizer, "optimizer"), lookup(SCHEDULERS, args.scheduler, "scheduler")
+    check_model_name(args.model)
+    if args.head == "multi" and layout != "mask":
+        raise UserError(f"--head multi needs the mask layout (mask/gender/age), not {layout}; use --head single")
+    if args.fold is not None and not 0 <= args.fold < args.folds:
+        raise UserError(f"--fold {args.fold} is not one of the {args.folds} folds (0..{args.folds - 1})")
+    if args.freeze_backbone and args.backbone_lr_scale != 1.0:
+        raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
+    if args.sampler == "weighted" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--sampler weighted is not supported with torchrun; use --criterion weighted_ce")
+    if args.resize and len(args.resize) > 2:
+        raise UserError("--resize takes H or H W")
+
+
+# ---- setup helpers -------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def increment_path(path):
+    """model/exp -> model/exp2, exp3, ... when taken (the baseline's run-folder naming)."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    taken = [int(m.group(1) or 1) for d in path.parent.glob(f"{path.name}*")
+             if (m := re.fullmatch(re.escape(path.name) + r"(\d*)", d.name))]
+    return path.with_name(f"{path.name}{max(taken, default=1) + 1}")
+
+
+def setup_distributed():
+    """(rank, world size, device) from torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(local)
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def library_versions():
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "pandas": pd.__version__, "numpy": np.__version__}
+
+
+def write_json(path, data):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+
+
+def make_config(args, classes, layout, model_config, run_dir):
+    """Everything a later step needs, so inference never asks again (plain JSON types only, so
+    checkpoints load with torch.load(weights_only=True))."""
+    return json.loads(json.dumps({**vars(args), "run_dir": str(run_dir), "classes": classes, "layout": layout,
+            "input_size": model_config["input_size"], "mean": model_config["mean"], "std": model_config["std"],
+            "interpolation": model_config["interpolation"], "kit_version": KIT_VERSION,
+            "versions": library_versions()}, default=str))
+
+
+def find_unreadable(table, args, rank):
+    """Unreadable images stop the run, or are dropped and listed with --skip_bad_images."""
+    bad = find_bad_images([str(Path(args.data_dir) / p) for p in table["path"]]) if rank == 0 else []
+    if bad and not args.skip_bad_images:
+        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad[:5])
+                        + " — replace them or pass --skip_bad_images")
+    bad_paths = {os.path.relpath(p, args.data_dir) for p, _ in bad}
+    return table[~table["path"].isin(bad_paths)].reset_index(drop=True), bad
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def make_loader(table, args, config, train, rank=0, world=1):
+    """DataLoader over table rows; training shuffles (or class-balances), validation keeps order."""
+    files = [str(Path(args.data_dir) / p) for p in table["path"]]
+    boxes = read_boxes(args.crop, table["path"], args.crop_margin) if args.crop else None
+    size = config["input_size"]
+    transform = build_transform(args.augmentation, size, config["interpolation"], train=train)
+    dataset = ImageDataset(files, table["label"].to_numpy(), transform, boxes, draft_size=(size[2], size[1]))
+    generator = torch.Generator()
+    sampler = None
+    if train and args.sampler == "weighted":
+        counts = np.bincount(table["label"], minlength=len(config["classes"]))
+        sampler = WeightedRandomSampler(1.0 / counts[table["label"]], len(table), generator=generator)
+    if world > 1 and train:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
+    elif world > 1:  # each rank scores a strided share; gather_predictions puts them back in order
+        dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    batch = args.batch_size if train else args.valid_batch_size
+    return DataLoader(dataset, batch, shuffle=train and sampler is None, sampler=sampler, generator=generator,
+                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=train and len(dataset) > batch and (args.mixup or args.cutmix) > 0)
+
+
+# ---- one fold ---------------------------------------------------------------------------------------
+def build_training(args, config, train_rows, device, world, steps_per_epoch):
+    """Model, optimizer, scheduler, criterion, EMA and mixup for one fold."""
+    model = create_model(args.model, len(config["classes"]), args.head, pretrained=args.pretrained or bool(
+        args.weights), weights=args.weights, input_size=config["input_size"]).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    groups = param_groups(model, args.lr, args.backbone_lr_scale, args.freeze_backbone)
+    optimizer = OPTIMIZERS[args.optimizer](groups, args.lr, args.weight_decay)
+    scheduler = SCHEDULERS[args.scheduler] and create_scheduler_v2(
+        optimizer, SCHEDULERS[args.scheduler], num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
+        decay_rate=0.5, warmup_epochs=min(args.warmup_epochs, args.epochs - 1), warmup_lr=args.lr / 100,
+        min_lr=args.lr / 100, step_on_epochs=args.scheduler == "plateau", updates_per_epoch=steps_per_epoch)[0]
+    counts = np.bincount(train_rows["label"], minlength=len(config["classes"]))
+    criterion = create_criterion(args.criterion, len(config["classes"]), class_counts=counts,
+                                 weights=parse_floats(args.criterion_weights), head=args.head,
+                                 head_weights=parse_floats(args.head_weights), smoothing=args.smoothing,
+                                 gamma=args.focal_gamma)
+    ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, num_classes=len(config["classes"]),
+                  label_smoothing=0.0) if (args.mixup or args.cutmix) else None
+    net = torch.compile(model) if args.compile else model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    return model, net, optimizer, scheduler, criterion.to(device), ema, mixup
+
+
+def parse_floats(text):
+    return [float(v) for v in str(text).split(",")] if text else None
+
+
+def train_one_epoch(net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, epoch,
+                    files, show):
+    """One pass over the training loader; returns (mean loss, macro F1, images/s)."""
+    net.train()
+    dtype = amp_dtype(device, args.amp)
+    total_loss, seen, preds, labels, start = 0.0, 0, [], [], time.perf_counter()
+    steps = len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not show,
+               mininterval=1.0, dynamic_ncols=True)
+    for step, (images, targets, index) in enumerate(bar):
+        images, targets = to_device(images, device, args.channels_last), targets.to(device, non_blocking=True)
+        hard_targets = targets
+        if mixup is not None and len(images) % 2 == 0:
+            images, targets = mixup(images.float(), targets)
+        with autocast(device, dtype):
+            logits = net(images)
+            loss = criterion(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; batch starts with "
+                            f"{[files[i] for i in index[:3].tolist()]}: lower --lr or use --amp bf16/off")
+        scaler.scale(loss / args.accum_steps).backward()
+        if (step + 1) % args.accum_steps == 0 or step + 1 == steps:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(net.module if hasattr(net, "module") else net)
+            if scheduler is not None:
+                scheduler.step_update(epoch * steps + step + 1)
+        total_loss += loss.item() * len(images)
+        seen += len(images)
+        preds.append(to_probs(logits.detach(), args.head).argmax(1).cpu())
+        labels.append(hard_targets.cpu())
+        if step % args.log_interval == 0 or step + 1 == steps:
+            rate = seen / (time.perf_counter() - start)
+            f1 = f1_score(torch.cat(labels), torch.cat(preds), average="macro")
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", f1=f"{f1:.3f}", img_s=f"{rate:.0f}")
+    f1 = float(f1_score(torch.cat(labels), torch.cat(preds), average="macro"))
+    return total_loss / max(seen, 1), f1, seen / (time.perf_counter() - start)
+
+
+def gather_predictions(probs, index, world):
+    """All ranks' (index, probs) in index order (each rank evaluated a strided share)."""
+    if world == 1:
+        return probs
+    shards = [None] * world
+    dist.all_gather_object(shards, (index, probs))
+    index = np.concatenate([s[0] for s in shards])
+    return np.concatenate([s[1] for s in shards])[np.argsort(index)]
+
+
+def save_checkpoint(path, model, config, extra):
+    """Weights + config (+ resume state) in one atomic write."""
+    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config, **extra}, tmp))
+
+
+def resume_state(path, model, optimizer, scheduler, scaler, ema):
+    """Load last.pth into the training objects; returns (next epoch, best f1, stale epochs, log rows)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    return state["epoch"] + 1, state["best_f1"], state["stale"], state["log"]
+
+
+def train_fold(fold, table, args, config, run_dir, device, rank, world):
+    """Train one fold; saves best/last checkpoints and fold{i}/oof.csv; returns the fold's OOF rows."""
+    fold_dir = run_dir / f"fold{fold}"
+    train_rows, val_rows = table[(table["fold"] != fold)], table[table["fold"] == fold]
+    if val_rows.empty or train_rows.empty:
+        raise UserError(f"fold {fold} has no {'validation' if val_rows.empty else 'training'} images: "
+                        "lower --folds or add data")
+    seed_everything(args.seed + fold)  # a fold's start does not depend on the folds before it
+    train_loader = make_loader(train_rows, args, config, True, rank, world)
+    val_loader = make_loader(val_rows, args, config, False, rank, world)
+    model, net, optimizer, scheduler, criterion, ema, mixup = build_training(
+        args, config, train_rows, device, world, math.ceil(len(train_loader) / args.accum_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
+    fold_config = {**config, "fold": fold}
+    start, best_f1, stale, log = 0, -1.0, 0, []
+    if (fold_dir / "last.pth").is_file():
+        start, best_f1, stale, log = resume_state(fold_dir / "last.pth", model, optimizer, scheduler, scaler, ema)
+        if rank == 0:
+            print(f"fold {fold}: resuming at epoch {start + 1}")
+    files = [str(Path(args.data_dir) / p) for p in train_rows["path"]]
+    for epoch in range(start, args.epochs):
+        seed_everything(args.seed * 1000 + fold * 100 + epoch)  # each epoch a function of (seed, fold, epoch)
+        train_loader.generator.manual_seed(args.seed * 1000 + fold * 100 + epoch)
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch)
+        loss, train_f1, rate = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, ema, mixup,
+                                               scaler, args, device, epoch, files, rank == 0)
+        eval_model = ema.module if ema is not None else model
+        probs, index = predict_probs(eval_model, val_loader, args.head, device, args.amp, args.channels_last)
+        probs = gather_predictions(probs, index, world)
+        val_f1 = float(f1_score(val_rows["label"], probs.argmax(1), average="macro"))
+        if scheduler is not None:
+            scheduler.step(epoch + 1, val_f1)
+        log.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "train_f1": train_f1, "val_f1": val_f1,
+                    "val_acc": float((probs.argmax(1) == val_rows["label"].to_numpy()).mean()),
+                    "lr": optimizer.param_groups[0]["lr"], "img_s": rate})
+        improved = val_f1 > best_f1
+        best_f1, stale = (val_f1, 0) if improved else (best_f1, stale + 1)
+        if rank == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log[-1].items())
+                  + (" *" if improved else ""))
+            if improved:
+                save_checkpoint(fold_dir / "best.pth", eval_model, {**fold_config, "epoch": epoch + 1,
+                                                                    "val_f1": val_f1}, {})
+                write_oof(fold_dir / "best_oof.csv", val_rows, probs)
+            save_checkpoint(fold_dir / "last.pth", model, fold_config, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None, "epoch": epoch,
+                "best_f1": best_f1, "stale": stale, "log": log})
+        if args.patience and stale >= args.patience:
+            break
+    if rank == 0:
+        os.replace(fold_dir / "best_oof.csv", fold_dir / "oof.csv")  # marks the fold finished
+        write_log(run_dir, log)
+    return log
+
+
+def write_oof(path, rows, probs):
+    """path, profile, fold, label, pred, p0..p{C-1} for each validation image."""
+    oof = rows[["path", "profile", "fold", "label"]].assign(pred=probs.argmax(1))
+    oof = pd.concat([oof.reset_index(drop=True), pd.DataFrame(probs, columns=[f"p{i}" for i in range(
+        probs.shape[1])])], axis=1)
+    atomic_write(path, lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6f"))
+
+
+def write_log(run_dir, fold_log):
+    """log.csv holds one row per epoch per fold; a fold's rows are replaced when it is retrained."""
+    path = run_dir / "log.csv"
+    log = pd.DataFrame(fold_log)
+    if path.is_file():
+        old = pd.read_csv(path)
+        log = pd.concat([old[old["fold"] != fold_log[0]["fold"]], log]).sort_values(["fold", "epoch"])
+    atomic_write(path, lambda tmp: log.to_csv(tmp, index=False))
+    tensorboard_log(run_dir, fold_log)
+
+
+def tensorboard_log(run_dir, fold_log):
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+    with SummaryWriter(run_dir / "tb" / f"fold{fold_log[0]['fold']}") as writer:
+        for row in fold_log:
+            for key in ("train_loss", "train_f1", "val_f1", "val_acc", "lr", "img_s"):
+                writer.add_scalar(key, row[key], row["epoch"])
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def resumed_args(args):
+    """The saved arguments of the run folder named by --resume (a new --fold may be given)."""
+    config_path = Path(args.resume) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} not found: --resume takes a run folder made by train.py")
+    saved = json.loads(config_path.read_text())
+    if saved.get("kit_version") != KIT_VERSION:
+        raise UserError(f"{args.resume} was made by kit version {saved.get('kit_version')}, this is "
+                        f"{KIT_VERSION}: start a new run")
+    resumed = argparse.Namespace(**{**vars(args), **{k: saved[k] for k in vars(args) if k in saved}})
+    resumed.resume, resumed.fold = str(config_path.parent), args.fold if args.fold is not None else saved["fold"]
+    return resumed, saved
+
+
+def prepare_run(args, rank, world):
+    """Table, classes, layout and run folder; --resume reuses a folder, its settings and its folds."""
+    if args.resume:
+        args, saved = resumed_args(args)
+        table = pd.read_csv(Path(args.resume) / "folds.csv", dtype={"profile": str}, keep_default_na=False)
+        return args, table, saved["classes"], [], saved["layout"], [], Path(args.resume)
+    table, classes, notes, layout = table_from_args(args)
+    check_args(args, layout)
+    table, bad = find_unreadable(table, args, rank)
+    run_dir = [increment_path(Path(args.model_dir) / args.name) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(run_dir)
+    return args, table, classes, notes, layout, bad, Path(run_dir[0])
+
+
+def model_settings(args, classes):
+    """Input size, mean/std and interpolation of the chosen backbone (timm's pretrained config)."""
+    probe = create_model(args.model, len(classes), args.head, pretrained=False)
+    return data_config(probe.backbone, args.resize)
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup_distributed()
+    seed_everything(args.seed)
+    args, table, classes, notes, layout, bad, run_dir = prepare_run(args, rank, world)
+    config = make_config(args, classes, layout, model_settings(args, classes), run_dir)
+    if rank == 0 and not args.resume:
+        print(f"layout: {layout}\n{summarize(table, classes, notes)}\nrun folder: {run_dir}  device: {device}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config)
+        atomic_write(run_dir / "folds.csv", lambda tmp: table.to_csv(tmp, index=False))
+        if bad:
+            atomic_write(run_dir / "bad_images.csv", lambda tmp: pd.DataFrame(bad, columns=["path", "reason"]
+                                                                              ).to_csv(tmp, index=False))
+    folds = [args.fold] if args.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
+    if args.fold_per_device and torch.cuda.device_count() > 1 and args.fold is None:
+        return launch_fold_per_device(run_dir, folds, config)
+    for fold in folds:
+        if (run_dir / f"fold{fold}" / "oof.csv").is_file():
+            if rank == 0:
+                print(f"fold {fold}: finished earlier, kept")
+            continue
+        train_fold(fold, table, args, config, run_dir, device, rank, world)
+    if rank == 0:
+        metrics = write_run_metrics(run_dir, classes, layout)
+        print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
+              f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def launch_fold_per_device(run_dir, folds, config):
+    """One process per GPU, in waves, each training one fold into the same run folder."""
+    gpus = torch.cuda.device_count()
+    for first in range(0, len(folds), gpus):
+        procs = [subprocess.Popen([sys.executable, __file__, "--resume", str(run_dir), "--fold", str(f)],
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)})
+                 for i, f in enumerate(folds[first:first + gpus])]
+        if any(p.wait() for p in procs):
+            raise UserError(f"a fold process failed (its output is above); continue with --resume {run_dir}")
+    metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
+    print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f} -> {run_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)
