@@ -12,6 +12,7 @@ This file is the one place for the label formula, class names, age groups and fo
 """
 import argparse
 import difflib
+import hashlib
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MASK_COLUMNS = ("id", "gender", "age", "path")
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input: printed as one line, never as a traceback."""
 
 
@@ -92,15 +93,19 @@ def mask_class_names(bounds=AGE_BOUNDS):
 
 
 # ---- layouts ---------------------------------------------------------------------------------
-def read_csv_checked(path, columns=(), **kwargs):
-    """pandas.read_csv with one-line errors for a missing file or missing columns."""
+def read_csv_checked(path, columns=(), fix="fix the header or pass the right --path_col/--label_col", **kwargs):
+    """pandas.read_csv with one-line errors for a missing, empty or unparsable file or missing columns;
+    fix is the advice given for missing columns."""
     if not Path(path).is_file():
         raise UserError(f"{path} not found: point --data_dir at the folder that holds it")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not a readable CSV ({str(err).strip().splitlines()[0][:100]}); "
+                        "fix or replace the file") from None
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}); "
-                        "fix the header or pass the right --path_col/--label_col")
+        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}); {fix}")
     return table
 
 
@@ -120,9 +125,12 @@ def mask_layout_paths(data_dir):
 def read_mask_layout(data_dir, age_bounds=AGE_BOUNDS, **_):
     """One row per image of every person in train.csv; odd folders are reported, not dropped."""
     csv_path, image_dir = mask_layout_paths(data_dir)
-    people = read_csv_checked(csv_path, MASK_COLUMNS)
-    rows, notes = [], []
-    for person in people.itertuples():
+    people = read_csv_checked(csv_path, MASK_COLUMNS, fix="fix the header (id,gender,race,age,path), "
+                              "or pass --layout csv for a CSV of image paths and labels")
+    repeated = people["path"].duplicated()
+    notes = [f"{csv_path}: {p} listed again, kept once" for p in people.loc[repeated, "path"]]
+    rows = []
+    for person in people[~repeated].itertuples():
         folder = image_dir / person.path
         if not folder.is_dir():
             raise UserError(f"{folder} named in {csv_path} does not exist: fix the path column or the folder")
@@ -130,7 +138,7 @@ def read_mask_layout(data_dir, age_bounds=AGE_BOUNDS, **_):
             raise UserError(f"{csv_path}: person {person.id} has gender '{person.gender}', age '{person.age}'; "
                             "expected male/female and a whole number")
         found = {}
-        for entry in os.scandir(folder):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):  # sorted: same pick of duplicates everywhere
             if not entry.is_file() or not is_image_file(entry):
                 continue
             stem = Path(entry.name).stem
@@ -220,6 +228,9 @@ def read_folder_layout(data_dir, **_):
     """One sub-folder per class; images anywhere below it."""
     data_dir = Path(data_dir)
     classes = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(classes) < 2:  # a lone images/ folder is a mask layout without its train.csv, not one class
+        raise UserError(f"{data_dir}: the folder layout needs one sub-folder per class, found {classes or 'none'}; "
+                        "for the mask layout put train.csv beside images/")
     rows = []
     for index, name in enumerate(classes):
         for folder, dirs, files in os.walk(data_dir / name):
@@ -237,12 +248,20 @@ LAYOUTS = {"mask": read_mask_layout, "csv": read_csv_layout, "json": read_json_l
            "folder": read_folder_layout}
 
 
+def is_mask_csv(path):
+    """A train.csv of the mask layout: it has a gender or age column (a path,label train.csv is the csv layout)."""
+    try:
+        return bool({"gender", "age"} & set(pd.read_csv(path, nrows=0).columns))
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return False
+
+
 def detect_layout(data_dir):
     """Pick the layout from what is in data_dir."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir} is not a folder: pass --data_dir (or set SM_CHANNEL_TRAIN)")
-    if mask_layout_paths(data_dir)[0].is_file():
+    if is_mask_csv(mask_layout_paths(data_dir)[0]):
         return "mask"
     if any(data_dir.glob("*.json")):
         return "json"
@@ -277,33 +296,52 @@ def assign_folds(table, folds=5, seed=42, val_ratio=0.2, grouped=True):
 
 
 # ---- corrections: drop or relabel listed images ------------------------------------------------
-def select_rows(table, row):
+CORRECTION_FIX = "give each row a path, or a profile (+ image stem), column; relabel rows also field,value"
+
+
+def select_rows(table, row, source):
     """Rows that a correction row names: by path, or by profile (+ optional image stem)."""
     if row.get("path"):
         return table["path"] == row["path"]
+    if not row.get("profile"):
+        raise UserError(f"{source}: a row names no path or profile ({row}); {CORRECTION_FIX}")
     picked = table["profile"] == row["profile"]
     if row.get("image"):
         picked &= table["path"].map(lambda p: Path(p).stem) == row["image"]
     return picked
 
 
+def correction_value(row, names, source):
+    """A relabel value as an index: one of names, or a number below len(names)."""
+    value = row["value"]
+    if value in names:
+        return names.index(value)
+    if not value.isdigit() or int(value) >= len(names):
+        raise UserError(f"{source}: {row['field']} value '{value}' is not one of {', '.join(names)} "
+                        f"(or 0..{len(names) - 1}); fix the file")
+    return int(value)
+
+
 def apply_corrections(table, classes, drop_list=None, relabel_list=None, age_bounds=AGE_BOUNDS):
-    """Drop rows named in drop_list; set field=value for rows named in relabel_list, then relabel."""
+    """Drop rows named in drop_list; set field=value for rows named in relabel_list, row by row.
+    A gender or mask fix (mask layout) recomputes the label; a label fix sets it as given."""
     table = table.copy()
     if drop_list:
-        drops = read_csv_checked(drop_list)
-        keep = ~np.logical_or.reduce([select_rows(table, r) for r in drops.to_dict("records")] or [False])
+        drops = read_csv_checked(drop_list, fix=CORRECTION_FIX).to_dict("records")
+        keep = ~np.logical_or.reduce([select_rows(table, r, drop_list) for r in drops] or [False])
         table = table[keep].reset_index(drop=True)
     if relabel_list:
         names = {"gender": list(GENDERS), "mask": list(MASK_NAMES), "label": list(classes)}
-        for row in read_csv_checked(relabel_list, ["field", "value"]).to_dict("records"):
-            if row["field"] not in ("gender", "mask", "label"):
-                raise UserError(f"{relabel_list}: field must be gender, mask or label, not '{row['field']}'")
-            value = row["value"]
-            value = names[row["field"]].index(value) if value in names[row["field"]] else int(value)
-            table.loc[select_rows(table, row), row["field"]] = value
-        if "mask" in table and table["mask"].notna().all():
-            table["label"] = make_label(table["mask"], table["gender"], age_group(table["age"], age_bounds))
+        for row in read_csv_checked(relabel_list, ["field", "value"], fix=CORRECTION_FIX).to_dict("records"):
+            if row["field"] not in names or (row["field"] != "label" and "age" not in table):
+                raise UserError(f"{relabel_list}: field must be {'gender, mask or ' if 'age' in table else ''}"
+                                f"label, not '{row['field']}'")
+            picked = select_rows(table, row, relabel_list)
+            table.loc[picked, row["field"]] = correction_value(row, names[row["field"]], relabel_list)
+            if row["field"] != "label":
+                fixed = table[picked]
+                table.loc[picked, "label"] = make_label(fixed["mask"], fixed["gender"],
+                                                        age_group(fixed["age"], age_bounds))
     return table
 
 
@@ -411,30 +449,55 @@ AUGMENTATIONS = {
 }
 
 
+def interpolation_mode(name):
+    return T.InterpolationMode(name if name in ("bilinear", "bicubic", "nearest") else "bilinear")
+
+
 def build_transform(augmentation, input_size, interpolation="bilinear", train=True):
-    """The preset's ops for training, plain resize for evaluation; PIL in, uint8 CHW tensor out."""
-    size = tuple(input_size[-2:])
-    interp = T.InterpolationMode(interpolation if interpolation in ("bilinear", "bicubic", "nearest")
-                                 else "bilinear")
+    """The preset's ops for training, plain resize for evaluation; PIL in, uint8 CHW tensor out.
+    A uint8 tensor already at input_size (a cached image) passes the resize unchanged."""
+    size, interp = tuple(input_size[-2:]), interpolation_mode(interpolation)
     ops = lookup(AUGMENTATIONS, augmentation, "augmentation")(size, interp) if train else resize_ops(size, interp)
     return T.Compose(ops + [T.ToDtype(torch.uint8)])
 
 
+def resizes_first(transform):
+    """True when a transform begins with the plain resize, so a cached image gives the same pixels."""
+    return isinstance(transform.transforms[0], T.Resize)
+
+
+def cached_image(cache_dir, size, interpolation, path, draft_size=None, box=None):
+    """load_image resized to size (H, W) as a uint8 CHW tensor, decoded once and then read back from a raw
+    file in cache_dir. The file is named by the source's path, byte size and mtime (and size, box), so a
+    changed image is decoded again; separate files need no locking between workers, ranks and runs."""
+    stat = os.stat(path)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{tuple(size)}|{interpolation}|{box}"
+    file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.u8"
+    if file.is_file():
+        return torch.from_numpy(np.fromfile(file, np.uint8).reshape(3, *size))
+    image = T.Compose(resize_ops(tuple(size), interpolation_mode(interpolation)))(load_image(path, draft_size, box))
+    pixels = image.as_subclass(torch.Tensor).contiguous()
+    atomic_write(file, lambda tmp: pixels.numpy().tofile(tmp))
+    return pixels
+
+
 class ImageDataset(Dataset):
     """Images of a table as (uint8 CHW tensor, label, row index); labels None -> -1 (test images).
-    heads=True adds (mask, gender, age group) for multi-head models on the mask layout."""
+    heads=True adds (mask, gender, age group) for multi-head models on the mask layout; read is
+    load_image or a functools.partial of cached_image (same arguments: path, draft_size, box)."""
 
-    def __init__(self, files, labels=None, transform=None, boxes=None, draft_size=None, heads=False):
+    def __init__(self, files, labels=None, transform=None, boxes=None, draft_size=None, heads=False,
+                 read=load_image):
         self.files, self.transform, self.boxes = list(files), transform, boxes
         self.labels = np.full(len(self.files), -1) if labels is None else np.asarray(labels)
-        self.draft_size, self.heads = draft_size, heads
+        self.draft_size, self.heads, self.read = draft_size, heads, read
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
         box = self.boxes[index] if self.boxes is not None else None
-        image = self.transform(load_image(self.files[index], self.draft_size, box))
+        image = self.transform(self.read(self.files[index], self.draft_size, box))
         label = int(self.labels[index])
         return (image, label, index, torch.tensor(split_label(label))) if self.heads else (image, label, index)
 
