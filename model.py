@@ -42,6 +42,11 @@ def to_probs(logits, head="single"):
     return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
 
 
+def one_line(err, limit):
+    """An exception's message on one line (hub and state-dict errors span several), cut to limit."""
+    return " ".join(str(err).split())[:limit]
+
+
 def check_model_name(name):
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
@@ -75,10 +80,11 @@ def load_weights(backbone, path):
     missing = [k for k in own if k not in state and not is_head(k)]
     unexpected = [k for k in state if k not in own]
     if misfit or missing or unexpected:
+        examples = "; ".join(f"{kind} {names[0]}" for kind, names in
+                             (("shape", misfit), ("missing", missing), ("unexpected", unexpected)) if names)
         raise UserError(f"{path} does not fit {backbone.pretrained_cfg.get('architecture')}: "
-                        f"{len(misfit)} shapes differ{' (' + misfit[0] + ')' if misfit else ''}, "
-                        f"{len(missing)} missing, {len(unexpected)} unexpected tensors; "
-                        "pass weights made for this --model")
+                        f"{len(misfit)} shapes differ, {len(missing)} missing, {len(unexpected)} unexpected "
+                        f"tensors (first: {examples}); pass weights made for this --model")
     backbone.load_state_dict(state, strict=False)
 
 
@@ -93,7 +99,7 @@ def create_backbone(name, outputs, pretrained, weights, **kwargs):
     try:
         return timm.create_model(name, pretrained=True, num_classes=outputs, **kwargs)
     except Exception as err:  # hub errors come as many types (OSError, HTTP errors, RuntimeError)
-        raise UserError(f"could not get pretrained weights for {name} ({type(err).__name__}: {str(err)[:120]}); "
+        raise UserError(f"could not get pretrained weights for {name} ({type(err).__name__}: {one_line(err, 120)}); "
                         "pass --weights PATH for a local file or --no-pretrained") from None
 
 
@@ -116,7 +122,7 @@ def check_input_size(model, name, input_size, default_size):
             model(torch.zeros(1, *input_size))
     except (RuntimeError, AssertionError, ValueError) as err:
         raise UserError(f"--resize {input_size[1]} {input_size[2]} does not fit {name} "
-                        f"({str(err).splitlines()[0][:100]}); try its default {default_size[1]} {default_size[2]}"
+                        f"({one_line(err, 100)}); try its default {default_size[1]} {default_size[2]}"
                         ) from None
     model.train()
 
@@ -162,7 +168,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as err:
-        raise UserError(f"{path} does not match its own config ({str(err).splitlines()[0][:120]})") from None
+        raise UserError(f"{path} does not match its own config ({one_line(err, 160)})") from None
     return model.to(device).eval(), config
 
 
