@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import (ImageDataset, UserError, atomic_write, build_transform, find_bad_images, read_boxes,
-                     read_test_table, run_main)
+from dataset import (KIT_VERSION, ImageDataset, UserError, atomic_write, build_transform, find_bad_images, read_boxes,
+                     read_csv_checked, read_test_table, run_main)
 from model import load_checkpoint, predict_probs
 
 
@@ -47,6 +47,9 @@ def load_run(run_dir, folds=None, which="best", device="cpu"):
     if not config_path.is_file():
         raise UserError(f"{config_path} not found: --model_dir takes a run folder made by train.py")
     config = json.loads(config_path.read_text())
+    if config.get("kit_version") != KIT_VERSION:
+        raise UserError(f"{run_dir} was made by kit version {config.get('kit_version')}, this is {KIT_VERSION}: "
+                        "train it again with this kit")
     paths = sorted(Path(run_dir).glob(f"fold*/{which}.pth"), key=lambda p: int(p.parent.name[4:]))
     paths = [p for p in paths if folds is None or int(p.parent.name[4:]) in folds]
     if not paths:
@@ -83,24 +86,40 @@ def predict_run(config, models, files, boxes, args, device):
     return probs[np.argsort(rows)]
 
 
-def check_submission(frame, template, answer_col, probs, num_classes):
-    """Refuse to write a submission whose rows, ids or answers differ from what is expected."""
-    if len(frame) != len(template) or not frame.iloc[:, 0].equals(template.iloc[:, 0]):
-        raise UserError("predictions do not line up with the submission template's ids; nothing written")
+def check_submission(frame, expected, probs, classes, layout, source):
+    """Refuse a submission whose rows, ids or order differ from the expected file's (info.csv or the
+    sample submission), with a NaN/inf probability, or with an answer that is not a class of the run."""
+    ids, expected_ids = frame.iloc[:, 0].astype(str).tolist(), expected.iloc[:, 0].astype(str).tolist()
+    if len(ids) != len(expected_ids):
+        raise UserError(f"{len(ids)} predicted rows but {source} has {len(expected_ids)}; nothing written")
+    if ids != expected_ids:
+        row = next(i for i, (a, b) in enumerate(zip(ids, expected_ids)) if a != b)
+        raise UserError(f"predicted ids are not in {source}'s order (row {row}: {ids[row]} vs {expected_ids[row]}); "
+                        "nothing written")
     if not np.isfinite(probs).all():
-        raise UserError(f"{int((~np.isfinite(probs)).sum())} predicted probabilities are NaN/inf; nothing written")
-    if probs.shape != (len(template), num_classes) or frame[answer_col].isna().any():
-        raise UserError(f"probabilities have shape {probs.shape}, expected {(len(template), num_classes)}")
+        raise UserError(f"{int((~np.isfinite(probs)).sum())} predicted probabilities are NaN/inf (first in row "
+                        f"{int(np.flatnonzero(~np.isfinite(probs).all(1))[0])}); nothing written")
+    answers = frame.iloc[:, 1]
+    wrong = ~answers.isin(range(len(classes)) if layout == "mask" else classes)
+    if wrong.any():
+        raise UserError(f"{int(wrong.sum())} answers are not one of the run's {len(classes)} classes "
+                        f"(first: {answers[wrong].iloc[0]}); nothing written")
 
 
-def write_outputs(output_dir, template, config, probs):
+def write_outputs(output_dir, template, config, probs, submission=None):
     """output.csv (template with answers: class index for the mask layout, else class name) and
-    probs.csv, each written whole or not at all."""
+    probs.csv, each written whole or not at all; the submission file (info.csv or the sample
+    submission) is read again, so rows that lost its order on the way are never written."""
     id_col, answer_col = template.columns[:2]
-    classes, answers = config["classes"], probs.argmax(1)
+    classes = config["classes"]
+    if probs.shape != (len(template), len(classes)):
+        raise UserError(f"probabilities have shape {probs.shape}, expected {(len(template), len(classes))}; "
+                        "nothing written")
+    answers = probs.argmax(1)
     frame = template.copy()
     frame[answer_col] = answers if config["layout"] == "mask" else [classes[a] for a in answers]
-    check_submission(frame, template, answer_col, probs, len(classes))
+    expected = read_csv_checked(submission) if submission else template
+    check_submission(frame, expected, probs, classes, config["layout"], submission or "the template")
     prob_frame = pd.concat([template[[id_col]], pd.DataFrame(probs, columns=[f"p{i}" for i in range(len(classes))])],
                            axis=1)
     atomic_write(Path(output_dir) / "probs.csv", lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"))
@@ -122,7 +141,7 @@ def main():
     n_models = sum(len(models) for _, models in runs)
     probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
                 for config, models in runs) / n_models
-    frame = write_outputs(args.output_dir, template, runs[0][0], probs)
+    frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path)
     counts = frame.iloc[:, 1].value_counts().sort_index()
     print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''} -> "
           f"{Path(args.output_dir) / 'output.csv'}\nanswer counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

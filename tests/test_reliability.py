@@ -1,0 +1,444 @@
+"""Reliability: a killed run resumes to the very same result, unreadable images are named, a wrong
+submission is never written, and every user mistake ends in one 'error: ...' line, a non-zero exit
+and no half-written file.
+
+The mistakes run a script's main() in this process through dataset.run_main, the same code that
+`python train.py ...` runs, so the table below does not pay a torch import per case; the kill/resume,
+dataset.py --verify and inference bad-image tests run the real scripts in subprocesses.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import dataset  # noqa: E402
+import inference  # noqa: E402
+import train  # noqa: E402
+from dataset import UserError, mask_class_names, run_main  # noqa: E402
+from model import create_model  # noqa: E402
+
+SAMPLE = ROOT / "sample"
+PEOPLE = 16  # the first 16 people of sample/train: 112 images, 2 folds of 8 people
+TINY = ["--model", "test_resnet", "--no-pretrained", "--resize", "32", "--epochs", "3", "--folds", "2",
+        "--batch_size", "8"]
+# One thread: several times faster on a shared CPU, and every run of a comparison computes alike.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- data and runs ------------------------------------------------------------------------------
+def copy_people(dest, people=PEOPLE):
+    """The first `people` people of sample/train in the mask layout (train.csv + images/)."""
+    table = pd.read_csv(SAMPLE / "train" / "train.csv", dtype=str, keep_default_na=False).head(people)
+    for folder in table["path"]:
+        shutil.copytree(SAMPLE / "train" / "images" / folder, dest / "images" / folder)
+    table.to_csv(dest / "train.csv", index=False)
+    return dest
+
+
+def copy_eval(dest, images=16):
+    """The first `images` rows of sample/eval/info.csv and their images."""
+    info = pd.read_csv(SAMPLE / "eval" / "info.csv", dtype=str).head(images)
+    (dest / "images").mkdir(parents=True)
+    for name in info["ImageID"]:
+        shutil.copy(SAMPLE / "eval" / "images" / name, dest / "images" / name)
+    info.to_csv(dest / "info.csv", index=False)
+    return dest
+
+
+def truncate(path):
+    """Cut a JPEG in half, as an interrupted copy or download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory):
+    return copy_people(tmp_path_factory.mktemp("clean") / "train")
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """The small sample with a truncated JPEG and a zero-byte file; returns (data_dir, bad paths)."""
+    data_dir = copy_people(tmp_path_factory.mktemp("bad") / "train")
+    people = sorted((data_dir / "images").iterdir())
+    truncated, empty = people[0] / "mask1.jpg", people[3] / "normal.jpg"
+    truncate(truncated)
+    empty.write_bytes(b"")
+    return data_dir, [truncated, empty]
+
+
+def train_command(data_dir, model_dir, name, *extra):
+    return [sys.executable, "train.py", "--data_dir", str(data_dir), *TINY, "--model_dir", str(model_dir),
+            "--name", name, *map(str, extra)]
+
+
+def run_script(command):
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, bad_data):
+    """A run never interrupted, on the data with bad images (skipped), one loader worker."""
+    model_dir = tmp_path_factory.mktemp("reference")
+    result = run_script(train_command(bad_data[0], model_dir, "ref", "--skip_bad_images", "--num_workers", 1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir / "ref"
+
+
+def cli(monkeypatch, capsys, module, argv):
+    """Run module.main() as its command line does; returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_main(module.main)
+    return stopped.value.code, capsys.readouterr().err
+
+
+def snapshot(*roots):
+    """Every file under roots with its size and modification time."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for root in roots for p in Path(root).rglob("*")
+            if p.is_file()}
+
+
+# ---- 1. resume, atomic writes --------------------------------------------------------------------
+def read_oof(path):
+    return pd.read_csv(path, dtype={"profile": str}, keep_default_na=False)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, bad_data, reference_run):
+    command = train_command(bad_data[0], tmp_path, "killed", "--skip_bad_images", "--num_workers", 1)
+    run_dir, deadline = tmp_path / "killed", time.monotonic() + 240
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while not (run_dir / "fold1" / "last.pth").exists():  # fold 0 done, fold 1 has saved an epoch
+                assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.02)
+            time.sleep(0.3)  # into the next epoch
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert not (run_dir / "fold1" / "oof.csv").exists(), "the kill came too late: fold 1 had finished"
+    saved_epoch = torch.load(run_dir / "fold1" / "last.pth", weights_only=False)["epoch"]
+    assert f"epoch {saved_epoch + 2}/3" in (tmp_path / "killed.log").read_text()  # killed inside the next epoch
+    fold0 = snapshot(run_dir / "fold0")
+
+    resumed = run_script([sys.executable, "train.py", "--resume", str(run_dir)])
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fold 0: finished earlier, kept" in resumed.stdout
+    assert f"fold 1: resuming at epoch {saved_epoch + 2}" in resumed.stdout
+    assert {p: v for p, v in snapshot(run_dir / "fold0").items() if p.name != "oof.csv"} == \
+        {p: v for p, v in fold0.items() if p.name != "oof.csv"}  # fold 0 was not retrained
+    for name in ("fold0/oof.csv", "fold1/oof.csv", "oof.csv"):
+        got, want = read_oof(run_dir / name), read_oof(reference_run / name)
+        assert got["pred"].tolist() == want["pred"].tolist(), name
+        pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=0, atol=1e-6)
+    log_columns = ["fold", "epoch", "train_loss", "train_f1", "val_f1", "val_acc", "lr"]  # img_s is timing
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "log.csv")[log_columns],
+                                  pd.read_csv(reference_run / "log.csv")[log_columns], rtol=0, atol=1e-6)
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "output.csv"
+    target.write_text("good\n")
+
+    def crash(tmp):
+        Path(tmp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dataset.atomic_write(target, crash)
+    assert target.read_text() == "good\n" and [p.name for p in tmp_path.iterdir()] == ["output.csv"]
+
+
+# ---- 2. bad images ------------------------------------------------------------------------------
+def test_verify_names_every_unreadable_image(bad_data):
+    data_dir, bad = bad_data
+    result = run_script([sys.executable, "dataset.py", "--data_dir", str(data_dir), "--verify"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: 2 unreadable images") and "Traceback" not in result.stderr
+    assert all(str(path) in result.stderr for path in bad)
+    assert "truncated" in result.stderr and "cannot identify image file" in result.stderr
+
+
+def test_training_stops_before_it_starts_naming_every_bad_image(tmp_path, bad_data, monkeypatch, capsys):
+    data_dir, bad = bad_data
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", data_dir, *TINY, "--num_workers", 0,
+                                                 "--model_dir", tmp_path, "--name", "x"])
+    assert code == 2 and err.startswith("error: 2 unreadable images") and err.count("\n") == 1
+    assert all(str(path) in err for path in bad) and "--skip_bad_images" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_skip_bad_images_trains_without_them_and_lists_them(reference_run, bad_data):
+    data_dir, bad = bad_data
+    listed = pd.read_csv(reference_run / "bad_images.csv")
+    assert sorted(listed["path"]) == sorted(map(str, bad))
+    assert listed["reason"].str.contains("truncated").any()
+    bad_rows = {os.path.relpath(p, data_dir) for p in bad}
+    for table in (pd.read_csv(reference_run / "folds.csv"), read_oof(reference_run / "oof.csv")):
+        assert len(table) == PEOPLE * 7 - 2 and not bad_rows & set(table["path"])
+
+
+def test_inference_never_skips_a_bad_test_image(tmp_path, reference_run):
+    eval_dir = copy_eval(tmp_path / "eval")
+    broken = sorted((eval_dir / "images").iterdir())[5]
+    truncate(broken)
+    result = run_script([sys.executable, "inference.py", "--data_dir", str(eval_dir), "--model_dir",
+                         str(reference_run), "--output_dir", str(tmp_path / "out"), "--num_workers", "0"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: 1 unreadable test images") and str(broken) in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 3. submission guard ------------------------------------------------------------------------
+def mask_probs(rows, seed=0):
+    return np.random.default_rng(seed).dirichlet(np.ones(18), rows).astype(np.float32)
+
+
+def test_a_wrong_submission_is_never_written_and_a_good_one_is_kept(tmp_path):
+    info_path = copy_eval(tmp_path / "eval") / "info.csv"
+    template = pd.read_csv(info_path, dtype=str, keep_default_na=False)
+    config, out = {"classes": mask_class_names(), "layout": "mask"}, tmp_path / "out"
+    good = inference.write_outputs(out, template, config, mask_probs(len(template)), info_path)
+    assert good["ans"].tolist() == mask_probs(len(template)).argmax(1).tolist()
+    kept = snapshot(out)
+    nan_probs = mask_probs(len(template))
+    nan_probs[3, 7] = np.nan
+    wrong = {"shuffled ids": (template.sample(frac=1, random_state=0), mask_probs(len(template)), "ids"),
+             "a row lost": (template.iloc[:-1], mask_probs(len(template) - 1), "rows"),
+             "NaN probability": (template, nan_probs, "NaN"),
+             "probabilities for fewer rows": (template, mask_probs(len(template) - 2), "shape")}
+    for case, (frame, probs, expected) in wrong.items():
+        with pytest.raises(UserError, match=expected):
+            inference.write_outputs(out, frame, config, probs, info_path)
+        assert snapshot(out) == kept, case
+    with pytest.raises(UserError, match="18 classes"):  # answers must be classes of the run
+        inference.check_submission(good.assign(ans=18), template, mask_probs(len(template)), config["classes"],
+                                   "mask", info_path)
+
+
+def test_inference_refuses_a_reordered_template(tmp_path, reference_run, monkeypatch, capsys):
+    """If the rows handed to the model ever come in another order than info.csv, nothing is written."""
+    eval_dir = copy_eval(tmp_path / "eval")
+    read = inference.read_test_table
+
+    def reordered(data_dir, submission=None):
+        frame, files, path = read(data_dir, submission)
+        order = np.random.default_rng(0).permutation(len(frame))
+        return frame.iloc[order].reset_index(drop=True), [files[i] for i in order], path
+
+    monkeypatch.setattr(inference, "read_test_table", reordered)
+    code, err = cli(monkeypatch, capsys, inference, ["--data_dir", eval_dir, "--model_dir", reference_run,
+                                                     "--output_dir", tmp_path / "out", "--num_workers", 0])
+    assert code == 2 and err.startswith("error:") and "info.csv" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 4. training guard --------------------------------------------------------------------------
+class NanLoss(torch.nn.Module):
+    def forward(self, logits, target):
+        return logits.sum() * float("nan")
+
+
+def test_nan_loss_stops_the_fold_naming_step_and_images(tmp_path, clean_data, monkeypatch, capsys):
+    monkeypatch.setattr(train, "create_criterion", lambda *args, **kwargs: NanLoss())
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, *TINY, "--num_workers", 0,
+                                                 "--model_dir", tmp_path, "--name", "x"])
+    message = err.strip().splitlines()[-1]
+    print(message)
+    assert code == 2 and message.startswith("error: loss is nan at epoch 1 step 0")
+    assert str(clean_data / "images") in message and "--lr" in message and "--amp" in message
+    assert not list(tmp_path.glob("x/fold*/*.pth"))
+
+
+def test_out_of_memory_names_the_batch_size_and_suggests_accumulation(tmp_path, clean_data, monkeypatch,
+                                                                      capsys):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_one_epoch", out_of_memory)
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, *TINY, "--num_workers", 0,
+                                                 "--model_dir", tmp_path, "--name", "x"])
+    message = err.strip().splitlines()[-1]
+    print(message)
+    assert code == 2 and message.startswith("error: out of memory") and "Traceback" not in err
+    assert "--batch_size 8" in message and "--batch_size 4 --accum_steps 2" in message
+
+
+# ---- 5. the bad-input table ---------------------------------------------------------------------
+def edit_csv(path, change):
+    change(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
+
+def data(w, edit=None):
+    """A fresh copy of the clean data, changed by edit(data_dir)."""
+    data_dir = shutil.copytree(w.clean, w.tmp / "data")
+    if edit:
+        edit(data_dir)
+    return data_dir
+
+
+def csv_layout(w, columns=("path", "label")):
+    """The clean data as the csv layout: labels.csv with the given columns, no train.csv."""
+    data_dir = data(w)
+    table = dataset.build_table(w.clean, folds=2)[0]
+    (data_dir / "train.csv").unlink()
+    table[list(columns)].to_csv(data_dir / "labels.csv", index=False)
+    return data_dir
+
+
+def training(data_dir, w, *extra):
+    return ["--data_dir", data_dir, *TINY, "--num_workers", 0, "--model_dir", w.tmp / "models", "--name", "x",
+            *extra]
+
+
+def misfit_weights(w):
+    """test_resnet weights with the stem convolution of another width."""
+    state = timm.create_model("test_resnet").state_dict()
+    state["conv1.0.weight"] = torch.zeros(8, 3, 3, 3)
+    torch.save(state, w.tmp / "misfit.pth")
+    return w.tmp / "misfit.pth"
+
+
+def config_file(w, settings):
+    (w.tmp / "config.yaml").write_text(json.dumps(settings))
+    return w.tmp / "config.yaml"
+
+
+def run_copy(w, edit):
+    """A copy of the reference run, changed by edit(run_dir)."""
+    run_dir = shutil.copytree(w.run, w.tmp / "run")
+    edit(run_dir)
+    return run_dir
+
+
+def set_kit_version(version):
+    def edit(run_dir):
+        config = json.loads((run_dir / "config.json").read_text())
+        (run_dir / "config.json").write_text(json.dumps({**config, "kit_version": version}))
+    return edit
+
+
+def foreign_checkpoint(name, model_name="test_resnet", num_classes=18, unfinish=False):
+    """Put a checkpoint of another model or class count at name, as if copied from another run;
+    unfinish also removes that fold's oof.csv so --resume goes back to it."""
+    def edit(run_dir):
+        config = json.loads((run_dir / "config.json").read_text())
+        classes = [f"class{i}" for i in range(num_classes)] if num_classes != 18 else config["classes"]
+        model = create_model(model_name, num_classes, pretrained=False)
+        torch.save({"model": model.state_dict(), "config": {**config, "model": model_name, "classes": classes}},
+                   run_dir / name)
+        if unfinish:
+            (run_dir / name).with_name("oof.csv").unlink()
+    return edit
+
+
+def predicting(run_dir, w, eval_dir=None):
+    return ["--data_dir", eval_dir or w.eval, "--model_dir", run_dir, "--output_dir", w.tmp / "out",
+            "--num_workers", 0]
+
+
+def missing_image_row(eval_dir):
+    edit_csv(eval_dir / "info.csv", lambda t: pd.concat([t, pd.DataFrame({"ImageID": ["gone.jpg"], "ans": ["0"]})]))
+
+
+BAD_INPUTS = {  # case: (script, its arguments made from the workspace w, expected part of the one-line error)
+    "missing train.csv": (train, lambda w: training(data(w, lambda d: (d / "train.csv").unlink()), w),
+                          "train.csv"),
+    "missing column": (train, lambda w: training(data(w, lambda d: edit_csv(d / "train.csv", lambda t: t.drop(
+        columns="age"))), w), "has no column age"),
+    "folder named in the CSV missing": (train, lambda w: training(data(w, lambda d: shutil.rmtree(
+        next((d / "images").iterdir()))), w), "does not exist"),
+    "csv layout without the label column": (train, lambda w: training(csv_layout(w, ("path", "profile")), w),
+                                            "no field 'label'"),
+    "unknown model name": (train, lambda w: training(w.clean, w, "--model", "test_resnt"),
+                           "did you mean test_resnet"),
+    "unknown criterion": (train, lambda w: training(w.clean, w, "--criterion", "focall"),
+                          "unknown criterion 'focall'"),
+    "weights whose shapes do not fit": (train, lambda w: training(w.clean, w, "--weights", misfit_weights(w)),
+                                        "1 shapes differ"),
+    "resize too small for the backbone": (train, lambda w: training(w.clean, w, "--model", "test_convnext",
+                                                                    "--resize", 8), "does not fit test_convnext"),
+    "empty fold (more folds than people)": (train, lambda w: training(w.clean, w, "--folds", 40),
+                                            "40 folds but only 16"),
+    "--fold out of range": (train, lambda w: training(w.clean, w, "--fold", 2), "--fold 2 is not one of the 2"),
+    "--head multi on a non-mask layout": (train, lambda w: training(csv_layout(w), w, "--head", "multi"),
+                                          "--head multi needs the mask layout"),
+    "--freeze_backbone with --backbone_lr_scale": (train, lambda w: training(
+        w.clean, w, "--freeze_backbone", "--backbone_lr_scale", 0.1), "conflict"),
+    "unknown config key": (train, lambda w: training(w.clean, w, "--config", config_file(
+        w, {"epochs": 1, "learnig_rate": 0.1})), "unknown settings learnig_rate"),
+    "--resume of a folder that is no run": (train, lambda w: ["--resume", w.tmp], "--resume takes a run folder"),
+    "wrong kit version": (train, lambda w: ["--resume", run_copy(w, set_kit_version(0))], "kit version 0"),
+    "resume onto a checkpoint of another class count": (train, lambda w: ["--resume", run_copy(
+        w, foreign_checkpoint("fold1/last.pth", num_classes=5, unfinish=True))], "has classes=['class0'"),
+    "resume onto a checkpoint of another model": (train, lambda w: ["--resume", run_copy(
+        w, foreign_checkpoint("fold1/last.pth", "test_efficientnet", unfinish=True))], "test_efficientnet"),
+    "checkpoint of another class count": (inference, lambda w: predicting(run_copy(
+        w, foreign_checkpoint("fold0/best.pth", num_classes=5)), w), "has classes="),
+    "checkpoint of another model": (inference, lambda w: predicting(run_copy(
+        w, foreign_checkpoint("fold0/best.pth", "test_efficientnet")), w), "has model='test_efficientnet'"),
+    "inference on a run of another kit version": (inference, lambda w: predicting(run_copy(w, set_kit_version(0)), w),
+                                                  "kit version 0"),
+    "info.csv naming a missing image": (inference, lambda w: predicting(w.run, w, w.edit_eval(missing_image_row)),
+                                        "gone.jpg"),
+}
+
+
+class Workspace:
+    """Paths the table's argument makers build on; each case gets its own tmp folder."""
+
+    def __init__(self, tmp, clean, run):
+        self.tmp, self.clean, self.run = tmp, clean, run
+        self.eval = copy_eval(tmp / "eval")
+
+    def edit_eval(self, edit):
+        edit(self.eval)
+        return self.eval
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_with_no_output(case, tmp_path, clean_data, reference_run, monkeypatch, capsys):
+    module, make_args, expected = BAD_INPUTS[case]
+    argv = make_args(Workspace(tmp_path, clean_data, reference_run))
+    before = snapshot(tmp_path, reference_run)
+    code, err = cli(monkeypatch, capsys, module, argv)
+    print(f"{case}: {err.strip()}")  # the report quotes these lines (pytest -s)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err
+    assert snapshot(tmp_path, reference_run) == before, "a file was written or changed"
+
+
+def test_train_cli_error_is_one_line_on_stderr(tmp_path, clean_data):
+    """The real command line: nothing (no warning, no progress bar) comes before the error line."""
+    result = run_script(train_command(clean_data, tmp_path, "x", "--fold", 5))
+    assert result.returncode == 2 and result.stderr == "error: --fold 5 is not one of the 2 folds (0..1)\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_command_line_argument_is_refused(clean_data, monkeypatch, capsys):
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, "--learnig_rate", "0.1"])
+    assert code == 2 and "unrecognized arguments: --learnig_rate" in err and "Traceback" not in err
