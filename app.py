@@ -1,0 +1,130 @@
+"""A demo page: upload a photo, see what a trained run predicts.
+
+    python app.py --model_dir model/exp                       # then open http://127.0.0.1:7860
+    python app.py --model_dir model/exp --host 0.0.0.0 --port 8080   # reachable from other machines
+
+The run's fold ensemble is loaded once at start (inference.load_run); each upload is resized like
+inference.py does and answered with the top classes and their probabilities and, for the mask layout,
+the three attributes: mask, gender and age group, each the 18 class probabilities summed over the other
+two. Built on Flask (small, long-maintained; the page is plain server-rendered HTML, no JavaScript, nothing
+fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
+"""
+import argparse
+import base64
+import io
+
+import numpy as np
+import torch
+from flask import Flask, render_template_string, request
+from PIL import UnidentifiedImageError
+
+from dataset import HEAD_NAMES, HEAD_SIZES, UserError, build_transform, load_image, make_label, run_main
+from inference import load_run
+from model import predict_probs
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+ body { font-family: system-ui, sans-serif; max-width: 760px; margin: 2em auto; color: #222; }
+ form { padding: 1em; border: 1px solid #ccc; border-radius: 8px; }
+ .result { display: flex; gap: 1.5em; margin-top: 1.5em; }
+ .result img { width: 220px; height: auto; flex: none; align-self: flex-start; border-radius: 6px; }
+ table { border-collapse: collapse; margin-bottom: 1em; }
+ td, th { padding: 3px 8px; text-align: left; white-space: nowrap; } td.meter { width: 160px; }
+ .bar { background: #4a7bd0; height: 12px; } #answer { font-size: 1.2em; font-weight: bold; } #error { color: #b00; }
+</style></head><body>
+<h1>{{ title }}</h1>
+<p>{{ about }}</p>
+<form method="post" enctype="multipart/form-data">
+ <input type="file" name="photo" accept="image/*" required> <button type="submit" id="predict">Predict</button>
+</form>
+{% if error %}<p id="error">{{ error }}</p>{% endif %}
+{% if top %}<div class="result"><img src="data:image/jpeg;base64,{{ preview }}" alt="uploaded photo"><div>
+ <p id="answer">Prediction: {{ top[0][0] }} ({{ "%.1f"|format(top[0][1] * 100) }}%)</p>
+ <table id="top"><tr><th>class</th><th>probability</th><th></th></tr>
+ {% for name, p in top %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(p * 100) }}%</td>
+  <td class="meter"><div class="bar" style="width: {{ "%.1f"|format(p * 100) }}%"></div></td></tr>{% endfor %}</table>
+ {% for head, values in attributes %}<table class="attribute" id="{{ head }}"><tr><th colspan="2">{{ head }}</th></tr>
+  {% for name, p in values %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(p * 100) }}%</td></tr>{% endfor %}
+ </table>{% endfor %}
+</div></div>{% endif %}
+</body></html>"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument("--top", type=int, default=5, help="how many classes to list")
+    return p.parse_args(argv)
+
+
+def predict(models, config, transform, image):
+    """Averaged class probabilities of the fold models for one PIL image (inference.py's resize)."""
+    batch = transform(image)[None]
+    device = next(models[0].parameters()).device
+    probs, _ = predict_probs(models, [(batch, None, torch.zeros(1))], config["head"], device, amp="off",
+                             channels_last=False)  # one image: full precision costs nothing
+    return probs[0]
+
+
+def attributes(probs, classes):
+    """Mask layout: [(head, [(value name, probability)])], each head's marginal of the 18 probabilities."""
+    grid, heads = probs.reshape(HEAD_SIZES), []  # label = make_label(mask, gender, age group)
+    for axis, (head, size) in enumerate(zip(HEAD_NAMES, HEAD_SIZES)):
+        marginal = grid.sum(tuple(a for a in range(len(HEAD_SIZES)) if a != axis))
+        labels = [make_label(*[value if a == axis else 0 for a in range(len(HEAD_SIZES))]) for value in range(size)]
+        heads.append((head, [(classes[label].split("/")[axis], float(p)) for label, p in zip(labels, marginal)]))
+    return heads
+
+
+def preview(image):
+    """A small JPEG of the upload, inlined in the page."""
+    small = image.copy()
+    small.thumbnail((440, 440))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def create_app(models, config, top=5, title="Image classifier demo"):
+    """The Flask app: GET shows the form, POST answers an uploaded photo."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
+    transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
+    classes, mask_layout = config["classes"], config["layout"] == "mask" and len(config["classes"]) == 18
+    about = f"{config['model']}, {len(models)} fold model(s), {len(classes)} classes ({config['layout']} layout)"
+
+    @app.route("/", methods=["GET", "POST"])
+    def page():
+        view = {"title": title, "about": about}
+        if request.method == "GET":
+            return render_template_string(PAGE, **view)
+        try:
+            image = load_image(io.BytesIO(request.files["photo"].read()))
+        except (UnidentifiedImageError, OSError, KeyError):
+            return render_template_string(PAGE, error="That file is not an image; upload a JPEG or PNG photo.",
+                                          **view), 400
+        probs = predict(models, config, transform, image)
+        order = np.argsort(-probs)[:top]
+        return render_template_string(PAGE, top=[(classes[i], float(probs[i])) for i in order],
+                                      attributes=attributes(probs, classes) if mask_layout else [],
+                                      preview=preview(image), **view)
+    return app
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, config = load_run(args.model_dir, which=args.checkpoint, device=device)
+    if args.top < 1:
+        raise UserError(f"--top {args.top}: list at least 1 class")
+    print(f"loaded {len(models)} fold model(s) from {args.model_dir}; open http://{args.host}:{args.port}",
+          flush=True)
+    create_app(models, config, args.top).run(host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    run_main(main)
