@@ -1,8 +1,8 @@
 """label_issues.py on a real run: flip 3% of the sample's labels through a relabel list, train, rank.
 
-    python tests/flipped_label_experiment.py              # ~1.5 min on 2 CPU cores: frozen pretrained lite0
-    python tests/flipped_label_experiment.py --seed 1     # other images flipped
-    python tests/flipped_label_experiment.py --model resnet18 --weights "" --resize "96 72" --train_args="--lr 3e-3"
+    python -m tests.flipped_label_experiment              # ~1.5 min on 2 CPU cores: frozen pretrained lite0
+    python -m tests.flipped_label_experiment --seed 1     # other images flipped
+    python -m tests.flipped_label_experiment --model resnet18 --weights "" --resize "96 72" --train_args="--lr 3e-3"
 
 Prints precision@N: the share of label_issues.py's top N that are flipped images, N = the number flipped
 (picking at random would give 3%). The default model is ImageNet tf_efficientnet_lite0 (shared/weights,
@@ -19,7 +19,6 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.pth"
-sys.path.insert(0, str(ROOT))
 from dataset import atomic_write, build_table  # noqa: E402
 from label_issues import write_label_issues  # noqa: E402
 

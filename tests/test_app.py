@@ -18,12 +18,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
 from dataset import build_transform, load_image  # noqa: E402
 from inference import load_run  # noqa: E402
 from model import to_probs  # noqa: E402
-from test_export import tiny_run_dir  # noqa: E402,F401  (the session's one tiny trained run)
 
 SAMPLE_IMAGES = sorted((ROOT / "sample" / "eval" / "images").glob("[!.]*.jpg"))
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import crop_faces  # noqa: E402
 from dataset import build_table  # noqa: E402
 

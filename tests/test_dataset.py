@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
 from dataset import UserError, apply_corrections, build_table, detect_layout, load_image  # noqa: E402
 

@@ -1,8 +1,6 @@
 """export.py: ONNX (run with onnxruntime) and TorchScript files give PyTorch's probabilities on real sample
-images, for one fold and for the fold ensemble; preprocess.json alone is enough to feed them.
-Also holds tiny_run_dir, the one tiny trained run that the export, Grad-CAM and demo-page tests share."""
+images, for one fold and for the fold ensemble; preprocess.json alone is enough to feed them."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,6 @@ import torch
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from dataset import build_transform, load_image  # noqa: E402
 from inference import load_run  # noqa: E402
@@ -20,20 +17,6 @@ from model import to_probs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is what is tested
 SAMPLE_IMAGES = sorted((ROOT / "sample" / "eval" / "images").glob("[!.]*.jpg"))[:8]
-
-
-@pytest.fixture(scope="session")
-def tiny_run_dir(tmp_path_factory):
-    """A finished 2-fold, 2-epoch test_resnet run at 64x48 on the sample; trained once per session (a
-    second test file importing this fixture finds it in the session's base temp folder)."""
-    run_dir = tmp_path_factory.getbasetemp() / "tiny_run" / "run"
-    if not (run_dir / "metrics.json").is_file():
-        done = subprocess.run([sys.executable, "train.py", "--data_dir", "sample/train", "--model", "test_resnet",
-                               "--no-pretrained", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
-                               "--batch_size", "32", "--num_workers", "0", "--model_dir", str(run_dir.parent),
-                               "--name", "run"], cwd=ROOT, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
 
 
 def run_export(monkeypatch, *argv):

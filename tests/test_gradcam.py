@@ -12,11 +12,9 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import gradcam  # noqa: E402
 from model import create_model  # noqa: E402
 from report import collect_oof  # noqa: E402
-from test_export import tiny_run_dir  # noqa: E402,F401  (the session's one tiny trained run)
 
 SIZE = [3, 64, 48]
 

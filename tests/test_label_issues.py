@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from dataset import MASK_FILES, age_group, build_table, make_label, mask_class_names, run_main  # noqa: E402
 from label_issues import class_thresholds, find_label_issues, main, write_label_issues  # noqa: E402
 

@@ -1,12 +1,9 @@
 """Known-value tests for loss.py: each compares against torch or a by-hand formula."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import split_label  # noqa: E402
 from loss import CRITERIA, class_weights, create_criterion  # noqa: E402
 

@@ -1,6 +1,5 @@
 """model.py: head widths and probabilities by hand, real ImageNet weights behave like ImageNet weights,
 misfitting weights and checkpoints are reported in one line, optimizer groups and input-size checks."""
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ import timm
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset import UserError, build_transform, load_image  # noqa: E402
 from model import create_model, data_config, load_checkpoint, param_groups, to_probs  # noqa: E402
 

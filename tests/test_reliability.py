@@ -22,7 +22,6 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import dataset  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402

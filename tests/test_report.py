@@ -2,7 +2,6 @@
 import base64
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,23 +12,15 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from dataset import GENDERS, MASK_NAMES, mask_class_names, run_main  # noqa: E402
 from report import (REPORT_PNGS, collect_oof, head_class_names, main, per_class_table,  # noqa: E402
                     save_confusion_png, worst_predictions, write_report)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A finished 2-fold, 2-epoch test_resnet run on the sample, and its report."""
-    model_dir = tmp_path_factory.mktemp("runs")
-    done = subprocess.run([sys.executable, "train.py", "--data_dir", str(ROOT / "sample" / "train"), "--model",
-                           "test_resnet", "--no-pretrained", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
-                           "--batch_size", "32", "--num_workers", "0", "--model_dir", str(model_dir), "--name", "tiny"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_dir = model_dir / "tiny"
-    return run_dir, write_report(run_dir)
+def tiny_run(tiny_run_dir):
+    """The session's tiny run of the sample (conftest.py), and its report."""
+    return tiny_run_dir, write_report(tiny_run_dir)
 
 
 def test_every_picture_and_the_page_are_written(tiny_run):

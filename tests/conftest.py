@@ -1,0 +1,20 @@
+"""Fixtures shared by the test files: one tiny trained run of the embedded sample per session."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """A finished 2-fold, 2-epoch test_resnet run at 64x48 on the sample, with its report."""
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    done = subprocess.run([sys.executable, "train.py", "--data_dir", "sample/train", "--model", "test_resnet",
+                           "--no-pretrained", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
+                           "--batch_size", "32", "--num_workers", "0", "--model_dir", str(run_dir.parent),
+                           "--name", "run"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
