@@ -36,6 +36,7 @@ HEAD_NAMES = ("mask", "gender", "age")
 HEAD_SIZES = (3, 2, 3)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MASK_COLUMNS = ("id", "gender", "age", "path")
+KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
 
 
 class UserError(ValueError):
@@ -389,9 +390,10 @@ def load_image(path, draft_size=None, box=None):
     with Image.open(path) as image:
         full_w, full_h = image.size
         if draft_size and image.format == "JPEG":
-            scale = max(draft_size[0] / full_w, draft_size[1] / full_h)
-            if box is not None:
-                scale /= max((box[2] - box[0]) / full_w, (box[3] - box[1]) / full_h, 1e-3)
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
+            shown = (full_h, full_w) if turned else (full_w, full_h)
+            region = (box[2] - box[0], box[3] - box[1]) if box is not None else shown  # what must be big enough
+            scale = max(draft_size[0] / max(region[0], 1), draft_size[1] / max(region[1], 1))
             image.draft("RGB", (int(full_w * scale) + 1, int(full_h * scale) + 1))
         shrink = image.size[0] / full_w
         image = ImageOps.exif_transpose(image)

@@ -10,16 +10,20 @@ and last.pth, fold{i}/oof.csv, oof.csv, metrics.json, log.csv, confusion.png and
 everything inference.py needs. See --help for every argument.
 """
 import argparse
+import atexit
+import hashlib
 import json
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +38,14 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (UserError, add_data_args, atomic_write, build_transform, find_bad_images, lookup,
+from dataset import (KIT_VERSION, UserError, add_data_args, atomic_write, build_transform, cached_image,
+                     find_bad_images, load_image, lookup, resizes_first,
                      read_boxes, run_main, summarize, table_from_args, ImageDataset)
 from loss import create_criterion
 from model import (amp_dtype, autocast, check_model_name, create_model, data_config, param_groups, predict_probs,
                    to_device, to_probs)
-from report import write_run_metrics
+from report import write_report, write_run_metrics
 
-KIT_VERSION = 1  # bumped when the run-folder format changes
 OPTIMIZERS = {"sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True,
                                                             weight_decay=wd),
               "adam": lambda groups, lr, wd: torch.optim.Adam(groups, lr=lr, weight_decay=wd),
@@ -77,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--backbone_lr_scale", type=float, default=1.0, help="backbone lr = lr * this")
     p.add_argument("--weight_decay", type=float, default=0.01, help="weight decay")
     p.add_argument("--freeze_backbone", action="store_true", help="train the head only")
+    p.add_argument("--feature_cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --freeze_backbone: compute the backbone's features once per image (and its mirror "
+                        "for --augmentation flip), then train the head on them; other augmentations, mixup, "
+                        "EMA, --compile and torchrun run the full model every epoch")
     p.add_argument("--scheduler", default="cosine", help=f"one of: {', '.join(SCHEDULERS)}")
     p.add_argument("--warmup_epochs", type=int, default=1, help="linear warm-up epochs (cosine, step)")
     p.add_argument("--lr_decay_step", type=int, default=20, help="epochs between lr halvings (step)")
@@ -95,7 +103,13 @@ def parse_args(argv=None):
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
+    p.add_argument("--cache", default="none", choices=["auto", "memory", "disk", "none"],
+                   help="keep decoded images at input size: memory (RAM, this run only), disk (--cache_dir, "
+                        "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
+    p.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
     p.add_argument("--log_interval", type=int, default=20, help="batches between progress-bar updates")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="end with report.py's pictures and report.html (a few seconds)")
     p.add_argument("--skip_bad_images", action="store_true", help="drop unreadable images instead of stopping")
     p.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept)")
     p.add_argument("--fold_per_device", action="store_true", help="one process per GPU, each its own folds")
@@ -131,6 +145,8 @@ def check_args(args, layout):
         raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
     if args.sampler == "weighted" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UserError("--sampler weighted is not supported with torchrun; use --criterion weighted_ce")
+    if args.fold_per_device and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--fold_per_device starts its own processes: run it with python, not torchrun")
     if args.resize and len(args.resize) > 2:
         raise UserError("--resize takes H or H W")
 
@@ -161,6 +177,7 @@ def setup_distributed():
         dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             torch.cuda.set_device(local)
+    torch.backends.cudnn.benchmark = cuda  # one input size all run: cuDNN times its algorithms once
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     return (dist.get_rank() if world > 1 else 0), world, device
 
@@ -185,9 +202,12 @@ def make_config(args, classes, layout, model_config, run_dir):
 
 def find_unreadable(table, args, rank):
     """Unreadable images stop the run, or are dropped and listed with --skip_bad_images."""
-    bad = find_bad_images([str(Path(args.data_dir) / p) for p in table["path"]]) if rank == 0 else []
+    bad = [find_bad_images([str(Path(args.data_dir) / p) for p in table["path"]]) if rank == 0 else []]
+    if dist.is_initialized():  # every torchrun rank drops the same images (or stops)
+        dist.broadcast_object_list(bad)
+    bad = bad[0]
     if bad and not args.skip_bad_images:
-        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad[:5])
+        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
                         + " — replace them or pass --skip_bad_images")
     bad_paths = {os.path.relpath(p, args.data_dir) for p, _ in bad}
     return table[~table["path"].isin(bad_paths)].reset_index(drop=True), bad
@@ -200,7 +220,8 @@ def make_loader(table, args, config, train, rank=0, world=1):
     boxes = read_boxes(args.crop, table["path"], args.crop_margin) if args.crop else None
     size = config["input_size"]
     transform = build_transform(args.augmentation, size, config["interpolation"], train=train)
-    dataset = ImageDataset(files, table["label"].to_numpy(), transform, boxes, draft_size=(size[2], size[1]))
+    dataset = ImageDataset(files, table["label"].to_numpy(), transform, boxes, draft_size=(size[2], size[1]),
+                           read=image_reader(args, config, len(table), resizes_first(transform)))
     generator = torch.Generator()
     sampler = None
     if train and args.sampler == "weighted":
@@ -213,7 +234,29 @@ def make_loader(table, args, config, train, rank=0, world=1):
     batch = args.batch_size if train else args.valid_batch_size
     return DataLoader(dataset, batch, shuffle=train and sampler is None, sampler=sampler, generator=generator,
                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=train and len(dataset) > batch and (args.mixup or args.cutmix) > 0)
+                      # a last batch of one image breaks BatchNorm in training mode
+                      drop_last=train and len(dataset) > batch and ((args.mixup or args.cutmix) > 0
+                                                                    or len(dataset) % batch == 1))
+
+
+def image_reader(args, config, n_images, exact):
+    """load_image, or cached_image for --cache: memory = files in RAM (/dev/shm) removed when this process
+    ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM and
+    the augmentation resizes first (exact: the same pixels as without the cache)."""
+    size, mode, shm = tuple(config["input_size"][1:]), args.cache, Path("/dev/shm")
+    if mode == "auto":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        fits = shm.is_dir() and 4 * n_images * 3 * size[0] * size[1] < min(ram, shutil.disk_usage(shm).free)
+        mode = "memory" if fits and exact else "none"
+    if mode == "none":
+        return load_image
+    if mode == "disk":
+        folder = Path(args.cache_dir or Path(tempfile.gettempdir()) / "kit-image-cache")
+    else:  # one folder per run, shared by its loaders, workers and torchrun ranks
+        run_key = hashlib.sha1(str(Path(config["run_dir"]).resolve()).encode()).hexdigest()[:12]
+        folder = (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"kit-image-cache-{run_key}"
+        atexit.register(shutil.rmtree, folder, True)
+    return partial(cached_image, str(folder), size, config["interpolation"])
 
 
 # ---- one fold ---------------------------------------------------------------------------------------
@@ -229,11 +272,7 @@ def build_training(args, config, train_rows, device, world, steps_per_epoch):
         optimizer, SCHEDULERS[args.scheduler], num_epochs=args.epochs, decay_epochs=args.lr_decay_step,
         decay_rate=0.5, warmup_epochs=min(args.warmup_epochs, args.epochs - 1), warmup_lr=args.lr / 100,
         min_lr=args.lr / 100, step_on_epochs=args.scheduler == "plateau", updates_per_epoch=steps_per_epoch)[0]
-    counts = np.bincount(train_rows["label"], minlength=len(config["classes"]))
-    criterion = create_criterion(args.criterion, len(config["classes"]), class_counts=counts,
-                                 weights=parse_floats(args.criterion_weights), head=args.head,
-                                 head_weights=parse_floats(args.head_weights), smoothing=args.smoothing,
-                                 gamma=args.focal_gamma)
+    criterion = make_criterion(args, len(config["classes"]), train_rows["label"])
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
     mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, num_classes=len(config["classes"]),
                   label_smoothing=0.0) if (args.mixup or args.cutmix) else None
@@ -245,7 +284,19 @@ def build_training(args, config, train_rows, device, world, steps_per_epoch):
 
 
 def parse_floats(text):
-    return [float(v) for v in str(text).split(",")] if text else None
+    try:
+        return [float(v) for v in str(text).split(",")] if text else None
+    except ValueError:
+        raise UserError(f"'{text}' is not a comma-separated list of numbers like 0.7,0.3 "
+                        "(--criterion_weights, --head_weights)") from None
+
+
+def make_criterion(args, num_classes, labels):
+    """The loss named by --criterion with its options; class counts come from the training labels."""
+    return create_criterion(args.criterion, num_classes, class_counts=np.bincount(labels, minlength=num_classes),
+                            weights=parse_floats(args.criterion_weights), head=args.head,
+                            head_weights=parse_floats(args.head_weights), smoothing=args.smoothing,
+                            gamma=args.focal_gamma)
 
 
 def train_one_epoch(net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, epoch,
@@ -304,9 +355,16 @@ def save_checkpoint(path, model, config, extra):
     atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config, **extra}, tmp))
 
 
-def resume_state(path, model, optimizer, scheduler, scaler, ema):
+def resume_state(path, model, optimizer, scheduler, scaler, ema, config):
     """Load last.pth into the training objects; returns (next epoch, best f1, stale epochs, log rows)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a checkpoint ({type(err).__name__}); delete it to retrain the fold") from None
+    for key in ("model", "head", "classes"):
+        if state.get("config", {}).get(key) != config[key]:
+            raise UserError(f"{path} has {key}={state.get('config', {}).get(key)!r} but the run's config.json says "
+                            f"{config[key]!r}: it comes from another run; delete it to retrain the fold")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -315,6 +373,83 @@ def resume_state(path, model, optimizer, scheduler, scaler, ema):
     if ema is not None:
         ema.load_state_dict(state["ema"])
     return state["epoch"] + 1, state["best_f1"], state["stale"], state["log"]
+
+
+# ---- --freeze_backbone: epochs of the head on features computed once -----------------------------------
+FEATURE_MEMO = {}  # (backbone digest, views, images) -> {path: classifier input}: the folds of a run share it
+
+
+def uses_feature_cache(args, world):
+    """The frozen backbone's features can stand in for the images: nothing but a mirror augments them."""
+    return (args.freeze_backbone and args.feature_cache and args.augmentation in ("base", "flip") and world == 1
+            and not (args.mixup or args.cutmix or args.ema or args.compile))
+
+
+def backbone_digest(model):
+    """A hash of the backbone's weights and buffers (the head, trained per fold, left out)."""
+    head = {id(t) for t in model.backbone.get_classifier().state_dict(keep_vars=True).values()}
+    digest = hashlib.sha1()
+    for name, tensor in model.backbone.state_dict(keep_vars=True).items():
+        if id(tensor) not in head:
+            digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def classifier_inputs(model, rows, args, config, device, views):
+    """{path: what the classifier receives for the image (and its mirror), flat as (views * F, 1, 1), a shape
+    channels_last batches take}, computed in eval mode: a true linear probe (BatchNorm stays as loaded)."""
+    captured = []
+    hook = model.backbone.get_classifier().register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
+    try:
+        predict_probs(model, make_loader(rows, args, config, False), args.head, device, args.amp,
+                      args.channels_last, tta=views == 2)
+    finally:
+        hook.remove()
+    if not captured:
+        raise UserError(f"{args.model} does not call its classifier module; pass --no-feature_cache")
+    stored = torch.stack([torch.cat(captured[view::views]) for view in range(views)], 1)
+    return dict(zip(rows["path"], stored.reshape(len(rows), -1, 1, 1))), captured[0].shape[1:]
+
+
+class FeatureHead(torch.nn.Module):
+    """The classifier alone on stored inputs (N, views * F, 1, 1): training takes the image or its mirror at
+    random for each row (torch's seeded generator) and applies the backbone's dropout, as its head would;
+    evaluation takes the image itself."""
+
+    def __init__(self, classifier, shape, views, drop_rate):
+        super().__init__()
+        self.classifier, self.shape, self.views, self.drop_rate = classifier, tuple(shape), views, drop_rate
+
+    def forward(self, stored):
+        stored, rows = stored.reshape(len(stored), self.views, -1), torch.arange(len(stored), device=stored.device)
+        pick = torch.randint(self.views, (len(stored),), device=stored.device) if self.training else rows * 0
+        features = torch.nn.functional.dropout(stored[rows, pick], self.drop_rate, self.training)
+        return self.classifier(features.reshape(len(stored), *self.shape))
+
+
+def feature_training(model, train_rows, val_rows, train_loader, args, config, device):
+    """(head net, train loader, val loader) over stored features, batched in the image loader's order (same
+    steps and generator, so the scheduler and --resume see the same epochs)."""
+    views, rows = 2 if args.augmentation == "flip" else 1, pd.concat([train_rows, val_rows])
+    key = (backbone_digest(model), views, tuple(config["input_size"]), str(Path(args.data_dir).resolve()),
+           args.crop, args.crop_margin)
+    if key not in FEATURE_MEMO:
+        FEATURE_MEMO.clear()  # one backbone's features at a time
+        FEATURE_MEMO[key] = {"features": {}, "shape": None}
+    memo = FEATURE_MEMO[key]
+    missing = rows[~rows["path"].isin(memo["features"])]
+    if len(missing):
+        features, memo["shape"] = classifier_inputs(model, missing, args, config, device, views)
+        memo["features"].update(features)
+    sets = [torch.utils.data.TensorDataset(torch.stack([memo["features"][p] for p in r["path"]]),
+                                           torch.tensor(r["label"].to_numpy()), torch.arange(len(r)))
+            for r in (train_rows, val_rows)]
+    return (FeatureHead(model.backbone.get_classifier(), memo["shape"], views,
+                        float(getattr(model.backbone, "drop_rate", 0.0))),
+            DataLoader(sets[0], batch_sampler=train_loader.batch_sampler, generator=train_loader.generator),
+            DataLoader(sets[1], args.valid_batch_size))
 
 
 def train_fold(fold, table, args, config, run_dir, device, rank, world):
@@ -330,22 +465,29 @@ def train_fold(fold, table, args, config, run_dir, device, rank, world):
     model, net, optimizer, scheduler, criterion, ema, mixup = build_training(
         args, config, train_rows, device, world, math.ceil(len(train_loader) / args.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
+    head_only = uses_feature_cache(args, world)
+    if head_only:  # linear probe: the backbone runs once per image, the epochs train the head alone
+        net, train_loader, val_loader = feature_training(model, train_rows, val_rows, train_loader, args, config,
+                                                         device)
     fold_config = {**config, "fold": fold}
     start, best_f1, stale, log = 0, -1.0, 0, []
     if (fold_dir / "last.pth").is_file():
-        start, best_f1, stale, log = resume_state(fold_dir / "last.pth", model, optimizer, scheduler, scaler, ema)
+        start, best_f1, stale, log = resume_state(fold_dir / "last.pth", model, optimizer, scheduler, scaler, ema,
+                                                  config)
         if rank == 0:
             print(f"fold {fold}: resuming at epoch {start + 1}")
     files = [str(Path(args.data_dir) / p) for p in train_rows["path"]]
     for epoch in range(start, args.epochs):
-        seed_everything(args.seed * 1000 + fold * 100 + epoch)  # each epoch a function of (seed, fold, epoch)
-        train_loader.generator.manual_seed(args.seed * 1000 + fold * 100 + epoch)
+        epoch_seed = args.seed * 1000 + fold * 100 + epoch + 7919 * rank  # torchrun ranks augment differently
+        seed_everything(epoch_seed)  # each epoch a function of (seed, fold, epoch)
+        train_loader.generator.manual_seed(epoch_seed)
         if isinstance(train_loader.sampler, DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         loss, train_f1, rate = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, ema, mixup,
                                                scaler, args, device, epoch, files, rank == 0)
         eval_model = ema.module if ema is not None else model
-        probs, index = predict_probs(eval_model, val_loader, args.head, device, args.amp, args.channels_last)
+        probs, index = predict_probs(net if head_only else eval_model, val_loader, args.head, device, args.amp,
+                                     args.channels_last)
         probs = gather_predictions(probs, index, world)
         val_f1 = float(f1_score(val_rows["label"], probs.argmax(1), average="macro"))
         if scheduler is not None:
@@ -369,8 +511,8 @@ def train_fold(fold, table, args, config, run_dir, device, rank, world):
         if args.patience and stale >= args.patience:
             break
     if rank == 0:
-        os.replace(fold_dir / "best_oof.csv", fold_dir / "oof.csv")  # marks the fold finished
         write_log(run_dir, log)
+        os.replace(fold_dir / "best_oof.csv", fold_dir / "oof.csv")  # marks the fold finished
     return log
 
 
@@ -379,7 +521,7 @@ def write_oof(path, rows, probs):
     oof = rows[["path", "profile", "fold", "label"]].assign(pred=probs.argmax(1))
     oof = pd.concat([oof.reset_index(drop=True), pd.DataFrame(probs, columns=[f"p{i}" for i in range(
         probs.shape[1])])], axis=1)
-    atomic_write(path, lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6f"))
+    atomic_write(path, lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))  # %g keeps tiny probabilities apart
 
 
 def write_log(run_dir, fold_log):
@@ -424,6 +566,7 @@ def prepare_run(args, rank, world):
         return args, table, saved["classes"], [], saved["layout"], [], Path(args.resume)
     table, classes, notes, layout = table_from_args(args)
     check_args(args, layout)
+    make_criterion(args, len(classes), table["label"])  # a bad --criterion fails before any image is read
     table, bad = find_unreadable(table, args, rank)
     run_dir = [increment_path(Path(args.model_dir) / args.name) if rank == 0 else None]
     if world > 1:
@@ -432,9 +575,22 @@ def prepare_run(args, rank, world):
 
 
 def model_settings(args, classes):
-    """Input size, mean/std and interpolation of the chosen backbone (timm's pretrained config)."""
+    """Input size, mean/std and interpolation of the chosen backbone (timm's pretrained config); the model
+    is then built as training builds it, so bad --weights or --resize fail before the run folder is made."""
     probe = create_model(args.model, len(classes), args.head, pretrained=False)
-    return data_config(probe.backbone, args.resize)
+    settings = data_config(probe.backbone, args.resize)
+    create_model(args.model, len(classes), args.head, pretrained=args.pretrained or bool(args.weights),
+                 weights=args.weights, input_size=settings["input_size"])
+    return settings
+
+
+def out_of_memory(args, config):
+    """The one-line advice for CUDA out of memory."""
+    height, width = config["input_size"][1:]
+    return UserError(f"out of memory with --batch_size {args.batch_size} (--valid_batch_size "
+                     f"{args.valid_batch_size}) for {args.model} at {height}x{width}: "
+                     f"start a new run with --batch_size {max(1, args.batch_size // 2)} --accum_steps "
+                     f"{args.accum_steps * 2} (the same images per optimizer step), or a smaller --resize")
 
 
 def main():
@@ -459,9 +615,16 @@ def main():
             if rank == 0:
                 print(f"fold {fold}: finished earlier, kept")
             continue
-        train_fold(fold, table, args, config, run_dir, device, rank, world)
+        try:
+            train_fold(fold, table, args, config, run_dir, device, rank, world)
+        except torch.OutOfMemoryError:
+            raise out_of_memory(args, config) from None
+        except KeyboardInterrupt:
+            raise UserError(f"interrupted in fold {fold}; continue with: python train.py --resume {run_dir}") from None
     if rank == 0:
         metrics = write_run_metrics(run_dir, classes, layout)
+        if args.report:
+            write_report(run_dir)
         print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
               f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}")
     if world > 1:
@@ -470,14 +633,20 @@ def main():
 
 def launch_fold_per_device(run_dir, folds, config):
     """One process per GPU, in waves, each training one fold into the same run folder."""
-    gpus = torch.cuda.device_count()
-    for first in range(0, len(folds), gpus):
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # ids as this process sees them (e.g. "2,3")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    for first in range(0, len(folds), len(gpus)):
         procs = [subprocess.Popen([sys.executable, __file__, "--resume", str(run_dir), "--fold", str(f)],
-                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": str(i)})
-                 for i, f in enumerate(folds[first:first + gpus])]
-        if any(p.wait() for p in procs):
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+                 for gpu, f in zip(gpus, folds[first:first + len(gpus)])]
+        if any([p.wait() for p in procs]):  # a list: wait for every process before stopping
             raise UserError(f"a fold process failed (its output is above); continue with --resume {run_dir}")
+    # the fold processes each rewrote log.csv (and may have raced); every last.pth holds its fold's log whole
+    logs = [torch.load(run_dir / f"fold{f}" / "last.pth", weights_only=False)["log"] for f in folds]
+    atomic_write(run_dir / "log.csv", lambda tmp: pd.DataFrame(sum(logs, [])).to_csv(tmp, index=False))
     metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
+    if config.get("report", True):
+        write_report(run_dir)
     print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f} -> {run_dir}")
 
 

@@ -519,8 +519,6 @@ def test_draft_decoding_is_at_least_the_requested_size(tmp_path, size, draft):
     assert load_image(tmp_path / "big.jpg").size == size
 
 
-@pytest.mark.xfail(strict=True, reason="load_image sizes its draft on the stored, unrotated frame and the whole "
-                                       "image, not the EXIF-rotated frame or the box (images section)")
 @pytest.mark.parametrize("case", ["exif", "box"])
 def test_draft_is_at_least_the_requested_size_after_rotation_or_box(tmp_path, case):
     if case == "exif":
