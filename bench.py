@@ -1,0 +1,289 @@
+"""Images per second of each part of a k-fold experiment on this machine, all measured in one run.
+
+    python bench.py                                 # 2,100 generated 384x512 photos, resnet18 at 128 px
+    python bench.py --resize 224 --num_workers 0    # any train.py argument: model, cache, amp, workers ...
+    python bench.py --data_dir data/train --model tf_efficientnet_lite0 --quick
+    python bench.py --table                         # table + 5 folds of a 2,700-person mask tree (target < 5 s)
+
+Rows, each timed with the kit's own functions:
+  data            decode + augment alone: train.py's make_loader, its workers, no model (--cache none)
+  data, cache     the same loader reading the decoded-image cache (train.py --cache)
+  fwd+bwd         the model alone on synthetic uint8 batches (same batch, amp, channels_last, optimizer)
+  train loop      make_loader + train_one_epoch: what train.py runs per epoch (round 1 fills the cache)
+  infer TTA       predict_probs with flip TTA, for 1 model and for 5 (a fold ensemble on each decoded batch)
+  reference       the boostcamp baseline's loop: PIL full decode, Resize on PIL, ToTensor + Normalize,
+                  fp32, NCHW, same model, batch, workers and optimizer
+Every row is timed once per round and the rounds interleave, so a busy machine slows all rows alike.
+Rates are the median and the best of the warm rounds (round 1 fills the cache and is left out, but for
+the cold-cache train loop); ratios are the median of per-round ratios, the ratio of the bests, and the
+ratio of CPU ms per image (this process and its workers), which a shared machine disturbs least.
+Generated data is written once under --work_dir and reused.
+"""
+import argparse
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import train
+from dataset import atomic_write, build_table, run_main, table_from_args
+from model import amp_dtype, autocast, create_model, predict_probs, to_device
+
+PHOTO_SIZE = (384, 512)  # width, height of the competition's photos
+MASK_STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
+BENCH_DEFAULTS = ["--model", "resnet18", "--no-pretrained", "--resize", "128", "--folds", "2"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any other argument goes to train.py's parser (defaults here: "
+                                       + " ".join(BENCH_DEFAULTS) + ").")
+    p.add_argument("--data_dir", default=None, help="a kit layout to read (default: generated photos)")
+    p.add_argument("--images", type=int, default=2100, help="generated photos (7 per person)")
+    p.add_argument("--work_dir", default="/tmp/kit-bench", help="where generated data is kept")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the first fills the cache)")
+    p.add_argument("--batches", type=int, default=6, help="training batches per row per round")
+    p.add_argument("--quick", action="store_true", help="defaults of 2 rounds of 2 batches on 140 photos")
+    p.add_argument("--table", action="store_true", help="only time the table + folds of --people people")
+    p.add_argument("--people", type=int, default=2700, help="people in the --table tree (7 files each)")
+    args, train_argv = p.parse_known_args(argv)
+    if args.quick:  # new defaults: what the command line names still wins
+        p.set_defaults(rounds=2, batches=2, images=140)
+        args, train_argv = p.parse_known_args(argv)
+    return args, train_argv
+
+
+# ---- generated data --------------------------------------------------------------------------------
+def write_mask_tree(root, people, write_image):
+    """A mask-layout folder (train.csv + images/<person>/<stem>.jpg) made once; train.csv comes last."""
+    root = Path(root)
+    if (root / "train.csv").is_file():
+        return root
+    rng, rows = np.random.default_rng(0), []
+    for person in range(people):
+        gender, age = ("male", "female")[person % 2], int(rng.integers(18, 75))
+        folder = f"{person:06d}_{gender}_Asian_{age}"
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+        for stem in MASK_STEMS:
+            write_image(root / "images" / folder / f"{stem}.jpg", rng)
+        rows.append((f"{person:06d}", gender, "Asian", age, folder))
+    frame = pd.DataFrame(rows, columns=["id", "gender", "race", "age", "path"])
+    atomic_write(root / "train.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    return root
+
+
+def photo_writer():
+    """Writes photo-like 384x512 JPEGs: random crops of scikit-learn's two sample photos, with noise."""
+    from sklearn.datasets import load_sample_images
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+
+    def write(path, rng):
+        src = photos[int(rng.integers(len(photos)))]
+        height = int(src.height * rng.uniform(0.6, 1.0))
+        width = height * PHOTO_SIZE[0] // PHOTO_SIZE[1]
+        x, y = rng.integers(0, src.width - width + 1), rng.integers(0, src.height - height + 1)
+        crop = src.crop((x, y, x + width, y + height)).resize(PHOTO_SIZE, Image.BILINEAR)
+        noisy = np.asarray(crop, np.int16) + rng.integers(-6, 7, (PHOTO_SIZE[1], PHOTO_SIZE[0], 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+    return write
+
+
+# ---- the rows --------------------------------------------------------------------------------------
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds():
+    """CPU time of this process and of its finished children (the loader's workers, joined each epoch)."""
+    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for field in ("ru_utime", "ru_stime"))
+
+
+def timed(device, images, run):
+    """(images/s, CPU ms per image) of run(), the device's queue drained at both ends. CPU time is what
+    a busy machine barely changes: it shows what each image costs when the wall clock is shared."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    run()
+    synchronize(device)
+    return images / (time.perf_counter() - wall), 1000 * (cpu_seconds() - cpu) / images
+
+
+def data_rate(loader, device):
+    """The loader alone (decode, augment, collate, workers)."""
+    return timed(device, len(loader.dataset), lambda: sum(1 for _ in loader))
+
+
+def fwd_bwd_rate(net, optimizer, criterion, batches, args, device):
+    """Forward + backward + optimizer step on batches already in memory."""
+    dtype = amp_dtype(device, args.amp)
+    net.train()
+
+    def run():
+        for images, targets in batches:
+            images, targets = to_device(images, device, args.channels_last), targets.to(device)
+            with autocast(device, dtype):
+                loss = criterion(net(images).float(), targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return timed(device, sum(len(b[0]) for b in batches), run)
+
+
+def infer_rate(models, loader, args, device):
+    return timed(device, len(loader.dataset), lambda: predict_probs(models, loader, args.head, device, args.amp,
+                                                                    args.channels_last, tta=True))
+
+
+class BaselineDataset(Dataset):
+    """The boostcamp baseline's data path: PIL opens and fully decodes, torchvision v1 transforms."""
+
+    def __init__(self, files, labels, size, mean, std):
+        self.files, self.labels = files, labels
+        self.transform = transforms.Compose([transforms.Resize(size, Image.BILINEAR), transforms.ToTensor(),
+                                             transforms.Normalize(mean=mean, std=std)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return self.transform(Image.open(self.files[index])), int(self.labels[index])
+
+
+def reference_rate(model, optimizer, loader, device):
+    """The baseline's training step: fp32, NCHW, loss.item() and matches every batch."""
+    criterion, model = torch.nn.CrossEntropyLoss(), model.train()
+
+    def run():
+        matches = 0
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outs = model(inputs)
+            loss = criterion(outs, labels)
+            loss.backward()
+            optimizer.step()
+            loss.item()
+            matches += (outs.argmax(-1) == labels).sum().item()
+    return timed(device, len(loader.dataset), run)
+
+
+# ---- the bench ---------------------------------------------------------------------------------------
+def setup(args, bench, device):
+    """Training objects built by train.py's own functions for the bench's rows."""
+    table, classes, _, layout = table_from_args(args)
+    rows = table.sample(min(len(table), bench.batches * args.batch_size), random_state=0).reset_index(drop=True)
+    config = train.make_config(args, classes, layout, train.model_settings(args, classes),
+                               Path(bench.work_dir) / "run")
+    model, net, optimizer, scheduler, criterion, ema, mixup = train.build_training(
+        args, config, rows, device, 1, len(rows) // args.batch_size + 1)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
+    fwd_bwd_rate(net, optimizer, criterion, synthetic_batches(args, config, 1), args, device)  # one-time warm-up
+    return rows, config, (model, net, optimizer, scheduler, criterion, ema, mixup, scaler)
+
+
+def synthetic_batches(args, config, count):
+    return [(torch.randint(0, 256, (args.batch_size, *config["input_size"]), dtype=torch.uint8),
+             torch.randint(0, len(config["classes"]), (args.batch_size,))) for _ in range(count)]
+
+
+def measure_round(round_index, rows, config, parts, reference, args, device):
+    """{row: (images/s, CPU ms per image)} of every row (train loop first: round 1 times a cold cache)."""
+    model, net, optimizer, scheduler, criterion, ema, mixup, scaler = parts
+    files = [str(Path(args.data_dir) / p) for p in rows["path"]]
+    loader = train.make_loader(rows, args, config, True)
+    rates = {"train loop": timed(device, len(rows), lambda: train.train_one_epoch(
+        net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, round_index, files, False))}
+    rates["fwd+bwd"] = fwd_bwd_rate(net, optimizer, criterion, synthetic_batches(args, config, len(loader)), args,
+                                    device)
+    ref_model, ref_optimizer, ref_loader = reference
+    rates["reference"] = reference_rate(ref_model, ref_optimizer, ref_loader, device)
+    rates["data"] = data_rate(train.make_loader(rows, argparse.Namespace(**{**vars(args), "cache": "none"}),
+                                                config, True), device)
+    if train.image_reader(args, config, len(rows), True) is not train.load_image:
+        rates["data, cache"] = data_rate(loader, device)
+    eval_loader = train.make_loader(rows, args, config, False)
+    rates["infer TTA x1"] = infer_rate([model], eval_loader, args, device)
+    rates["infer TTA x5"] = infer_rate([model] * 5, eval_loader, args, device)
+    return rates
+
+
+def make_reference(rows, config, args, device):
+    files = [str(Path(args.data_dir) / p) for p in rows["path"]]
+    dataset = BaselineDataset(files, rows["label"].to_numpy(), tuple(config["input_size"][1:]),
+                              config["mean"], config["std"])
+    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
+                        pin_memory=torch.cuda.is_available())
+    model = create_model(args.model, len(config["classes"]), args.head, pretrained=False).backbone.to(device)
+    return model, train.OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay), loader
+
+
+def report(all_rates, rows, config, args, device, seconds):
+    """Rates (median and best of the warm rounds), CPU cost, ratios, peak memory and the machine's load."""
+    warm = all_rates[1:] or all_rates
+    size = "x".join(map(str, config["input_size"][1:]))
+    print(f"\n{len(rows)} images of {args.data_dir} at {size}, {args.model}, batch {args.batch_size}, "
+          f"workers {args.num_workers}, cache {args.cache}, amp {amp_dtype(device, args.amp)}, channels_last "
+          f"{args.channels_last}, device {device}, {torch.get_num_threads()} threads, {len(all_rates)} rounds")
+    print(f"{'images/s':<26}{'median':>10}{'best':>10}{'CPU ms/img':>12}")
+    for key in all_rates[0]:
+        rates = [r[key][0] for r in warm]
+        cpu = statistics.median(r[key][1] for r in warm)
+        print(f"{key:<26}{statistics.median(rates):>10.1f}{max(rates):>10.1f}{cpu:>12.2f}")
+    if args.cache != "none" and len(all_rates) > 1:
+        print(f"{'train loop, cold cache':<26}{all_rates[0]['train loop'][0]:>10.1f}{'':>10}"
+              f"{all_rates[0]['train loop'][1]:>12.2f}")
+    for a, b in (("train loop", "fwd+bwd"), ("train loop", "reference")):
+        best = max(r[a][0] for r in warm) / max(r[b][0] for r in warm)
+        by_cpu = statistics.median(r[b][1] for r in warm) / statistics.median(r[a][1] for r in warm)
+        print(f"{a + ' / ' + b:<26}{statistics.median(r[a][0] / r[b][0] for r in warm):>10.2f}{best:>10.2f}"
+              f"{by_cpu:>12.2f}")
+    own, children = (resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF,
+                                                                       resource.RUSAGE_CHILDREN))
+    print(f"peak RSS: this process {own:.0f} MiB, largest child process {children:.0f} MiB; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {seconds:.0f} s")
+
+
+def bench_table(bench):
+    """Seconds to build the table and 5 folds of a generated tree (empty image files: nothing decodes)."""
+    root = write_mask_tree(Path(bench.work_dir) / f"table_{bench.people}", bench.people,
+                           lambda path, rng: path.touch())
+    start = time.perf_counter()
+    table, classes, notes, layout = build_table(root, folds=5)
+    seconds = time.perf_counter() - start
+    print(f"table: {len(table)} images, {table['profile'].nunique()} people, {len(classes)} classes, "
+          f"5 folds in {seconds:.2f} s (layout {layout}); peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def main():
+    bench, train_argv = parse_args()
+    if bench.table:
+        return bench_table(bench)
+    data_dir = bench.data_dir or write_mask_tree(Path(bench.work_dir) / f"photos_{bench.images}",
+                                                 -(-bench.images // 7), photo_writer())
+    args = train.parse_args(BENCH_DEFAULTS + train_argv + ["--data_dir", str(data_dir)])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train.seed_everything(args.seed)
+    start = time.perf_counter()
+    rows, config, parts = setup(args, bench, device)
+    reference = make_reference(rows, config, args, device)
+    all_rates = []
+    for round_index in range(bench.rounds):
+        all_rates.append(measure_round(round_index, rows, config, parts, reference, args, device))
+        print(f"round {round_index + 1} (images/s): " + ", ".join(f"{k} {v[0]:.1f}" for k, v in
+                                                                  all_rates[-1].items()), flush=True)
+    report(all_rates, rows, config, args, device, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,214 @@
+"""Speed features, checked for behaviour (no timings): the decoded-image cache gives the very pixels the
+uncached path gives and re-reads a changed image; the --freeze_backbone feature path writes a run folder
+that inference reproduces; bench.py prints every row and the table timing.
+"""
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+import bench  # noqa: E402
+import train  # noqa: E402
+from dataset import (ImageDataset, build_table, build_transform, cached_image, load_image,  # noqa: E402
+                     resizes_first)
+from inference import load_run  # noqa: E402
+from model import predict_probs  # noqa: E402
+
+SAMPLE = ROOT / "sample" / "train"
+SIZE = (3, 40, 32)
+TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
+        "--batch_size", "32", "--num_workers", "0", "--folds", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: much faster on a shared CPU
+WEIGHTS = ROOT.parents[0] / "shared/weights/tf_efficientnet_lite0.in1k.pth"  # real ImageNet weights, offline
+PROBE = (["--model", "tf_efficientnet_lite0", "--weights", str(WEIGHTS)] if WEIGHTS.is_file() else
+         ["--model", "test_resnet", "--no-pretrained"])  # the feature path is the same; only learning needs weights
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sample_files(count=24):
+    table, *_ = build_table(SAMPLE, folds=2)
+    return [str(SAMPLE / p) for p in table["path"][:count]], table["label"][:count].to_numpy()
+
+
+def epoch_of(dataset, seed):
+    torch.manual_seed(seed)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("augmentation", ["base", "flip", "randaugment", "trivialaugment"])
+def test_cache_gives_the_same_pixels_cold_and_warm(augmentation, tmp_path):
+    files, labels = sample_files()
+    transform = build_transform(augmentation, SIZE, "bilinear", train=True)
+    assert resizes_first(transform)
+    draft = (SIZE[2], SIZE[1])
+    plain = ImageDataset(files, labels, transform, draft_size=draft)
+    cached = ImageDataset(files, labels, transform, draft_size=draft,
+                          read=partial(cached_image, str(tmp_path), SIZE[1:], "bilinear"))
+    expected = epoch_of(plain, 0)
+    assert torch.equal(epoch_of(cached, 0), expected)  # cold: decoded now, written to the cache
+    assert len(list(tmp_path.iterdir())) == len(files)
+    assert torch.equal(epoch_of(cached, 0), expected)  # warm: read back from the cache
+    assert expected.dtype == torch.uint8 and expected.shape == (len(files), *SIZE)
+
+
+def test_strong_augmentation_crops_before_resizing_so_auto_leaves_the_cache_off():
+    assert not resizes_first(build_transform("strong", SIZE, "bilinear", train=True))
+    assert resizes_first(build_transform("strong", SIZE, "bilinear", train=False))  # validation is exact
+
+
+def test_a_changed_image_is_decoded_again(tmp_path):
+    source = tmp_path / "photo.jpg"
+    Image.new("RGB", (48, 64), (200, 30, 30)).save(source)
+    read = partial(cached_image, str(tmp_path / "cache"), (16, 12), "bilinear")
+    red = read(str(source))
+    assert red[0].float().mean() > 150 and torch.equal(read(str(source)), red)
+    Image.new("RGB", (48, 64), (20, 30, 220)).save(source)
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    blue = read(str(source))
+    assert blue[2].float().mean() > 150 and blue[0].float().mean() < 60
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_cache_modes_and_workers_give_the_loader_the_same_batches(tmp_path):
+    table, classes, _, layout = build_table(SAMPLE, folds=2)
+    rows = table.head(40)
+    batches = {}
+    for cache, workers in (("none", 0), ("memory", 2), ("disk", 2), ("auto", 0)):
+        args = train.parse_args(TINY + ["--cache", cache, "--cache_dir", str(tmp_path / "disk"),
+                                        "--num_workers", str(workers)])
+        config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "classes": classes,
+                  "run_dir": str(tmp_path / "run")}
+        loader = train.make_loader(rows, args, config, True)
+        for epoch in range(2):  # the second epoch reads what the first one cached
+            loader.generator.manual_seed(7 + epoch)
+            torch.manual_seed(7 + epoch)
+            batches[cache, workers, epoch] = torch.cat([b[0] for b in loader])
+    for epoch in range(2):
+        assert torch.equal(batches["memory", 2, epoch], batches["disk", 2, epoch])
+        assert torch.equal(batches["none", 0, epoch], batches["auto", 0, epoch])
+    assert len(list((tmp_path / "disk").iterdir())) == len(rows)
+
+
+def test_image_reader_picks_the_cache_folder(tmp_path):
+    args = train.parse_args(TINY + ["--cache", "disk", "--cache_dir", str(tmp_path / "kept")])
+    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "run_dir": str(tmp_path / "run")}
+    reader = train.image_reader(args, config, 10, True)
+    assert reader.func is cached_image and reader.args == (str(tmp_path / "kept"), (64, 48), "bilinear")
+    args.cache = "auto"
+    assert train.image_reader(args, config, 10, False) is load_image  # strong augmentation: exact without
+    assert train.image_reader(args, config, 10**9, True) is load_image  # 9 TB of pixels do not fit
+    memory = train.image_reader(args, config, 10, True).args[0]
+    assert "kit-image-cache-" in memory and memory != train.image_reader(
+        args, {**config, "run_dir": str(tmp_path / "other")}, 10, True).args[0]
+
+
+# ---- --freeze_backbone on stored features --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory):
+    """A linear probe of the pretrained backbone: 8 epochs of the head on stored features."""
+    out = tmp_path_factory.mktemp("probe")
+    result = subprocess.run([sys.executable, "train.py", *TINY, *PROBE, "--resize", "128", "96", "--epochs", "8",
+                             "--freeze_backbone", "--cache", "auto",
+                             "--lr", "0.01", "--model_dir", str(out), "--name", "probe"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "probe"
+
+
+def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(probe_run):
+    for name in ("config.json", "folds.csv", "oof.csv", "metrics.json", "log.csv", "confusion.png"):
+        assert (probe_run / name).is_file(), name
+    for fold in range(2):
+        assert {p.name for p in (probe_run / f"fold{fold}").iterdir()} == {"best.pth", "last.pth", "oof.csv"}
+    log = pd.read_csv(probe_run / "log.csv")
+    assert len(log) == 2 * 8 and log["train_loss"].notna().all()
+    config = json.loads((probe_run / "config.json").read_text())
+    assert config["feature_cache"] is True and config["cache"] == "auto"
+    memory = train.image_reader(train.parse_args(TINY + ["--cache", "auto"]), config, 420, True)  # sample fits
+    assert memory.func is cached_image and not Path(memory.args[0]).exists()  # removed when the run ended
+
+
+def test_feature_path_checkpoint_predicts_its_own_oof_and_keeps_the_backbone(probe_run):
+    """best.pth holds the whole Classifier: run on the images, it gives the OOF probabilities that
+    were computed from stored features; the frozen backbone (BatchNorm too) is the fold's start."""
+    models, config = load_run(probe_run, folds=[0])
+    oof = pd.read_csv(probe_run / "fold0" / "oof.csv")
+    files = [str(SAMPLE / p) for p in oof["path"]]
+    size = config["input_size"]
+    dataset = ImageDataset(files, None, build_transform("base", size, config["interpolation"], train=False),
+                           draft_size=(size[2], size[1]))
+    loader = torch.utils.data.DataLoader(dataset, 64)
+    probs, _ = predict_probs(models, loader, "single", torch.device("cpu"), config["amp"], True)
+    np.testing.assert_allclose(probs, oof[[f"p{i}" for i in range(18)]].to_numpy(), atol=2e-3)
+    last = torch.load(probe_run / "fold0" / "last.pth", weights_only=False)["model"]
+    best = torch.load(probe_run / "fold0" / "best.pth", weights_only=False)["model"]
+    train.seed_everything(42 + 0)  # the fold's initialisation, as train_fold makes it
+    start = train.create_model(config["model"], 18, pretrained=True, weights=config["weights"],
+                               input_size=size)
+    head = {"backbone." + k for k in start.backbone.get_classifier().state_dict(prefix=start.backbone.
+                                                                                default_cfg["classifier"] + ".")}
+    for key, value in start.state_dict().items():
+        if key not in head:
+            assert torch.equal(best[key], value) and torch.equal(last[key], value), key
+    assert head and all(not torch.equal(best[key], start.state_dict()[key]) for key in head if "weight" in key)
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="needs shared/weights/tf_efficientnet_lite0.in1k.pth")
+def test_feature_path_probe_of_pretrained_weights_learns(probe_run):
+    metrics = json.loads((probe_run / "metrics.json").read_text())
+    assert metrics["oof_macro_f1"] > 0.25 and metrics["heads"]["mask"]["macro_f1"] > 0.6, metrics["oof_macro_f1"]
+
+
+def test_feature_path_runs_the_backbone_once_per_image_for_every_fold(monkeypatch, tmp_path):
+    """Two folds of one pretrained backbone: each image (and its mirror) goes through it once."""
+    calls = []
+    real = train.classifier_inputs
+    monkeypatch.setattr(train, "classifier_inputs", lambda model, rows, *a: calls.append(len(rows)) or real(
+        model, rows, *a))
+    monkeypatch.setattr(train, "seed_everything", lambda seed: torch.manual_seed(0))  # same init every fold
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--epochs", "1", "--freeze_backbone", "--model_dir",
+                                      str(tmp_path), "--name", "memo"])
+    train.FEATURE_MEMO.clear()
+    train.main()
+    assert calls == [420]  # fold 0 stored all 420 images; fold 1 found them stored
+    assert (tmp_path / "memo" / "fold1" / "oof.csv").is_file()
+    train.FEATURE_MEMO.clear()
+
+
+# ---- bench.py (run in this process: a subprocess would spend most of its time importing torch) -----------
+def test_bench_table_mode_builds_the_tree_and_times_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--table", "--people", "30", "--work_dir", str(tmp_path)])
+    bench.main()
+    assert "table: 210 images, 30 people, 18 classes, 5 folds in" in capsys.readouterr().out
+    assert len(list((tmp_path / "table_30" / "images").iterdir())) == 30
+
+
+def test_bench_quick_prints_every_row_and_the_ratios(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--batches", "1", "--images", "14", "--work_dir",
+                                      str(tmp_path), "--model", "test_resnet", "--resize", "32", "--batch_size",
+                                      "8", "--num_workers", "0", "--cache", "memory"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = {line[:26].strip(): line[26:].split() for line in out.splitlines()}
+    for row in ("train loop", "fwd+bwd", "reference", "data", "data, cache", "infer TTA x1", "infer TTA x5",
+                "train loop, cold cache", "train loop / fwd+bwd", "train loop / reference"):
+        assert float(rows[row][0]) > 0, row
+    assert "8 images of" in out and "2 rounds" in out and "peak RSS: this process" in out
+    photos = sorted((tmp_path / "photos_14" / "images").rglob("*.jpg"))
+    assert len(photos) == 14 and Image.open(photos[0]).size == (384, 512)
