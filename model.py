@@ -54,14 +54,19 @@ def check_model_name(name):
                         + " (see timm.list_models())")
 
 
+def load_torch_file(path, what, fix, weights_only=True):
+    """torch.load onto the CPU with one-line errors that name the file and the fix."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} {path} not found: {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise UserError(f"{path} is not a {what} ({type(err).__name__}): {fix}") from None
+
+
 def read_state_dict(path):
     """A plain timm state dict, or the backbone of a checkpoint saved by train.py."""
-    if not Path(path).is_file():
-        raise UserError(f"weights file {path} not found: check --weights")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(f"{path} is not a PyTorch weights file ({type(err).__name__}); check --weights") from None
+    state = load_torch_file(path, "PyTorch weights file", "check --weights")
     state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     strip = ("module.", "backbone.")
     return {k[len(p):] if (p := next((p for p in strip if k.startswith(p)), "")) else k: v
@@ -155,12 +160,7 @@ def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False):
 
 def load_checkpoint(path, device="cpu"):
     """A model saved by train.py and its config (model name, head, classes, input size)."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} not found: train first, or check --model_dir")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(f"{path} is not a checkpoint ({type(err).__name__}); re-run train.py") from None
+    checkpoint = load_torch_file(path, "checkpoint", "train first, or check --model_dir")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{path} was not saved by train.py (no config); use it with --weights instead")
     config = checkpoint["config"]

@@ -42,8 +42,8 @@ from dataset import (KIT_VERSION, UserError, add_data_args, atomic_write, build_
                      find_bad_images, load_image, lookup, resizes_first,
                      read_boxes, run_main, summarize, table_from_args, ImageDataset)
 from loss import create_criterion
-from model import (amp_dtype, autocast, check_model_name, create_model, data_config, param_groups, predict_probs,
-                   to_device, to_probs)
+from model import (amp_dtype, autocast, check_model_name, create_model, data_config, load_torch_file, param_groups,
+                   predict_probs, to_device, to_probs)
 from report import write_report, write_run_metrics
 
 OPTIMIZERS = {"sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True,
@@ -357,10 +357,7 @@ def save_checkpoint(path, model, config, extra):
 
 def resume_state(path, model, optimizer, scheduler, scaler, ema, config):
     """Load last.pth into the training objects; returns (next epoch, best f1, stale epochs, log rows)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(f"{path} is not a checkpoint ({type(err).__name__}); delete it to retrain the fold") from None
+    state = load_torch_file(path, "checkpoint", "delete it to retrain the fold", weights_only=False)
     for key in ("model", "head", "classes"):
         if state.get("config", {}).get(key) != config[key]:
             raise UserError(f"{path} has {key}={state.get('config', {}).get(key)!r} but the run's config.json says "

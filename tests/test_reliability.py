@@ -36,12 +36,7 @@ TINY = ["--model", "test_resnet", "--no-pretrained", "--resize", "32", "--epochs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ---- data and runs ------------------------------------------------------------------------------

@@ -33,12 +33,7 @@ PROBE = (["--model", "tf_efficientnet_lite0", "--weights", str(WEIGHTS)] if WEIG
          ["--model", "test_resnet", "--no-pretrained"])  # the feature path is the same; only learning needs weights
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def sample_files(count=24):
