@@ -450,7 +450,7 @@ def feature_training(model, train_rows, val_rows, train_loader, args, config, de
 
 
 def train_fold(fold, table, args, config, run_dir, device, rank, world):
-    """Train one fold; saves best/last checkpoints and fold{i}/oof.csv; returns the fold's OOF rows."""
+    """Train one fold; saves best/last checkpoints and fold{i}/oof.csv; returns the fold's log rows."""
     fold_dir = run_dir / f"fold{fold}"
     train_rows, val_rows = table[(table["fold"] != fold)], table[table["fold"] == fold]
     if val_rows.empty or train_rows.empty:
