@@ -1,9 +1,10 @@
 """Images per second of each part of a k-fold experiment on this machine, all measured in one run.
 
     python bench.py                                 # 2,100 generated 384x512 photos, resnet18 at 128 px
-    python bench.py --resize 224 --num_workers 0    # any train.py argument: model, cache, amp, workers ...
+    python bench.py --resize 224 --num_workers 2    # any train.py argument: model, cache, amp, workers ...
     python bench.py --data_dir data/train --model tf_efficientnet_lite0 --quick
     python bench.py --table                         # table + 5 folds of a 2,700-person mask tree (target < 5 s)
+    python bench.py --run --images 18900 --resize 224 --folds 5 --epochs 1   # a whole run: time, peak memory
 
 Rows, each timed with the kit's own functions:
   data            decode + augment alone: train.py's make_loader, its workers, no model (--cache none)
@@ -17,12 +18,16 @@ Every row is timed once per round and the rounds interleave, so a busy machine s
 Rates are the median and the best of the warm rounds (round 1 fills the cache and is left out, but for
 the cold-cache train loop); ratios are the median of per-round ratios, the ratio of the bests, and the
 ratio of CPU ms per image (this process and its workers), which a shared machine disturbs least.
-Generated data is written once under --work_dir and reused.
+Loaders are made once and reused by every round, as a fold reuses them across epochs (their workers
+persist). Generated data is written once under --work_dir and reused.
 """
 import argparse
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, default=6, help="training batches per row per round")
     p.add_argument("--quick", action="store_true", help="defaults of 2 rounds of 2 batches on 140 photos")
     p.add_argument("--table", action="store_true", help="only time the table + folds of --people people")
+    p.add_argument("--run", action="store_true", help="only run train.py whole (any train.py arguments) on "
+                   "the data, reporting its wall time and peak memory")
     p.add_argument("--people", type=int, default=2700, help="people in the --table tree (7 files each)")
     args, train_argv = p.parse_known_args(argv)
     if args.quick:  # new defaults: what the command line names still wins
@@ -103,9 +110,18 @@ def synchronize(device):
 
 
 def cpu_seconds():
-    """CPU time of this process and of its finished children (the loader's workers, joined each epoch)."""
-    return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-               for field in ("ru_utime", "ru_stime"))
+    """CPU time of this process and its children: finished ones, and live ones (persistent loader workers)
+    read from /proc, where there is one."""
+    total = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                for field in ("ru_utime", "ru_stime"))
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def timed(device, images, run):
@@ -196,22 +212,29 @@ def synthetic_batches(args, config, count):
              torch.randint(0, len(config["classes"]), (args.batch_size,))) for _ in range(count)]
 
 
-def measure_round(round_index, rows, config, parts, reference, args, device):
+def make_loaders(rows, config, args):
+    """train.py's loaders, made once as a fold makes them (workers persist across rounds as across epochs):
+    training, training without the cache, evaluation."""
+    return (train.make_loader(rows, args, config, True),
+            train.make_loader(rows, argparse.Namespace(**{**vars(args), "cache": "none"}), config, True),
+            train.make_loader(rows, args, config, False))
+
+
+def measure_round(round_index, rows, config, parts, loaders, reference, args, device):
     """{row: (images/s, CPU ms per image)} of every row (train loop first: round 1 times a cold cache)."""
     model, net, optimizer, scheduler, criterion, ema, mixup, scaler = parts
     files = [str(Path(args.data_dir) / p) for p in rows["path"]]
-    loader = train.make_loader(rows, args, config, True)
+    loader, uncached_loader, eval_loader = loaders
+    loader.sampler.set_epoch(args.seed + round_index, round_index)
     rates = {"train loop": timed(device, len(rows), lambda: train.train_one_epoch(
         net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, round_index, files, False))}
     rates["fwd+bwd"] = fwd_bwd_rate(net, optimizer, criterion, synthetic_batches(args, config, len(loader)), args,
                                     device)
     ref_model, ref_optimizer, ref_loader = reference
     rates["reference"] = reference_rate(ref_model, ref_optimizer, ref_loader, device)
-    rates["data"] = data_rate(train.make_loader(rows, argparse.Namespace(**{**vars(args), "cache": "none"}),
-                                                config, True), device)
+    rates["data"] = data_rate(uncached_loader, device)
     if train.image_reader(args, config, len(rows), True) is not train.load_image:
         rates["data, cache"] = data_rate(loader, device)
-    eval_loader = train.make_loader(rows, args, config, False)
     rates["infer TTA x1"] = infer_rate([model], eval_loader, args, device)
     rates["infer TTA x5"] = infer_rate([model] * 5, eval_loader, args, device)
     return rates
@@ -221,7 +244,7 @@ def make_reference(rows, config, args, device):
     files = [str(Path(args.data_dir) / p) for p in rows["path"]]
     dataset = BaselineDataset(files, rows["label"].to_numpy(), tuple(config["input_size"][1:]),
                               config["mean"], config["std"])
-    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.num_workers,
+    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=train.loader_workers(args),
                         pin_memory=torch.cuda.is_available())
     model = create_model(args.model, len(config["classes"]), args.head, pretrained=False).backbone.to(device)
     return model, train.OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay), loader
@@ -232,7 +255,7 @@ def report(all_rates, rows, config, args, device, seconds):
     warm = all_rates[1:] or all_rates
     size = "x".join(map(str, config["input_size"][1:]))
     print(f"\n{len(rows)} images of {args.data_dir} at {size}, {args.model}, batch {args.batch_size}, "
-          f"workers {args.num_workers}, cache {args.cache}, amp {amp_dtype(device, args.amp)}, channels_last "
+          f"workers {train.loader_workers(args)}, cache {args.cache}, amp {amp_dtype(device, args.amp)}, channels_last "
           f"{args.channels_last}, device {device}, {torch.get_num_threads()} threads, {len(all_rates)} rounds")
     print(f"{'images/s':<26}{'median':>10}{'best':>10}{'CPU ms/img':>12}")
     for key in all_rates[0]:
@@ -265,21 +288,74 @@ def bench_table(bench):
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def process_tree_memory(root):
+    """Bytes of RAM held by a process and its descendants (loader workers, torchrun ranks): the sum of their
+    PSS, which counts pages shared after a fork once, from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except OSError:  # the process ended meanwhile
+            continue
+    pids, total = [root], 0
+    while pids:
+        pid = pids.pop()
+        pids += children.get(pid, [])
+        try:
+            total += sum(int(line.split()[1]) * 1024 for line in open(f"/proc/{pid}/smaps_rollup")
+                         if line.startswith("Pss:"))
+        except OSError:
+            continue
+    return total
+
+
+def cache_bytes(since):
+    """Bytes of the decoded-image cache folders (RAM in /dev/shm) made since a time."""
+    folders = [f for base in ("/dev/shm", tempfile.gettempdir()) for f in Path(base).glob("kit-image-cache-*")]
+    return sum(file.stat().st_size for folder in folders if folder.stat().st_mtime >= since
+               for file in folder.iterdir() if file.is_file())
+
+
+def bench_run(bench, train_argv, data_dir):
+    """Wall time and peak memory of one whole train.py run, sampled twice a second: the process tree's PSS,
+    the cache files in RAM, and their sum."""
+    run_dir = Path(bench.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    command = [sys.executable, "train.py", *BENCH_DEFAULTS, *train_argv, "--data_dir", str(data_dir),
+               "--model_dir", str(run_dir.parent), "--name", run_dir.name]
+    print(" ".join(command), flush=True)
+    start, peaks = time.time(), {"processes": 0, "cache": 0, "processes + cache": 0}
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{run_dir}.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            sample = {"processes": process_tree_memory(process.pid), "cache": cache_bytes(start)}
+            sample["processes + cache"] = sum(sample.values())
+            peaks = {k: max(v, sample[k]) for k, v in peaks.items()}
+            time.sleep(0.5)
+    lines = Path(f"{run_dir}.log").read_text().replace("\r", "\n").splitlines()
+    print("\n".join(line for line in lines if line.startswith(("OOF", "fold sizes", "error"))))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"exit {process.returncode} in {time.time() - start:.0f} s; peak GiB: " + ", ".join(
+        f"{k} {v / 2**30:.2f}" for k, v in peaks.items()) + f"; RAM {ram / 2**30:.0f} GiB; log {run_dir}.log")
+
+
 def main():
     bench, train_argv = parse_args()
     if bench.table:
         return bench_table(bench)
     data_dir = bench.data_dir or write_mask_tree(Path(bench.work_dir) / f"photos_{bench.images}",
                                                  -(-bench.images // 7), photo_writer())
+    if bench.run:
+        return bench_run(bench, train_argv, data_dir)
     args = train.parse_args(BENCH_DEFAULTS + train_argv + ["--data_dir", str(data_dir)])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train.seed_everything(args.seed)
     start = time.perf_counter()
     rows, config, parts = setup(args, bench, device)
     reference = make_reference(rows, config, args, device)
-    all_rates = []
+    loaders, all_rates = make_loaders(rows, config, args), []
     for round_index in range(bench.rounds):
-        all_rates.append(measure_round(round_index, rows, config, parts, reference, args, device))
+        all_rates.append(measure_round(round_index, rows, config, parts, loaders, reference, args, device))
         print(f"round {round_index + 1} (images/s): " + ", ".join(f"{k} {v[0]:.1f}" for k, v in
                                                                   all_rates[-1].items()), flush=True)
     report(all_rates, rows, config, args, device, time.perf_counter() - start)

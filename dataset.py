@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -497,11 +497,43 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)  # (row, seed) from SeededSampler
         box = self.boxes[index] if self.boxes is not None else None
-        image = self.transform(self.read(self.files[index], self.draft_size, box))
+        image = self.read(self.files[index], self.draft_size, box)
+        if seed is None:
+            image = self.transform(image)
+        else:
+            state = torch.get_rng_state()  # the caller's random stream (dropout, mixup) is left alone
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~100x more
+            image = self.transform(image)
+            torch.set_rng_state(state)
         label = int(self.labels[index])
         return (image, label, index, torch.tensor(split_label(label))) if self.heads else (image, label, index)
+
+
+class SeededSampler(Sampler):
+    """Any sampler's rows as (row, seed): each drawn image is augmented from its own seed, a function of the
+    epoch's seed and its place in the epoch, so the batches do not depend on which worker (or none) decodes
+    them, and loader workers can persist across epochs. set_epoch also passes the epoch to a
+    DistributedSampler."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seed = sampler, 0
+
+    def set_epoch(self, seed, epoch):
+        """The epoch's row order and augmentation from its seed (a DistributedSampler's order from epoch)."""
+        self.seed = seed % 2**31
+        if getattr(self.sampler, "generator", None) is not None:
+            self.sampler.generator.manual_seed(seed)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((row, self.seed * 2**32 + place) for place, row in enumerate(self.sampler))
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 # ---- command line ------------------------------------------------------------------------------

@@ -75,8 +75,18 @@ def load_ensemble(run_dirs, folds, which, device):
     return runs
 
 
+def decoding_groups(runs):
+    """[(config, models)] with the models of runs that read images alike (size, interpolation, head, memory
+    format) put together, so each group decodes the test images once for all its models."""
+    groups = {}
+    for config, models in runs:
+        key = (tuple(config["input_size"]), config["interpolation"], config["head"], config["channels_last"])
+        groups.setdefault(key, (config, []))[1].extend(models)
+    return list(groups.values())
+
+
 def predict_run(config, models, files, boxes, args, device):
-    """Averaged probabilities of one run's models over the test files (each image decoded once)."""
+    """Averaged probabilities of models that read images alike over the test files (each image decoded once)."""
     size = config["input_size"]
     transform = build_transform("base", size, config["interpolation"], train=False)
     dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
@@ -140,7 +150,7 @@ def main():
     boxes = read_boxes(args.crop, relative, runs[0][0].get("crop_margin", 0.2)) if args.crop else None
     n_models = sum(len(models) for _, models in runs)
     probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
-                for config, models in runs) / n_models
+                for config, models in decoding_groups(runs)) / n_models
     frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path)
     counts = frame.iloc[:, 1].value_counts().sort_index()
     print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''} -> "

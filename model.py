@@ -204,6 +204,6 @@ def predict_probs(models, loader, head, device, amp="auto", channels_last=True, 
         views = [images, images.flip(3)] if tta else [images]
         with autocast(device, dtype):
             batch = sum(to_probs(m(v), head) for m in models for v in views) / (len(models) * len(views))
-        probs.append(batch.float().cpu())
+        probs.append(batch.float())  # kept on the device: no wait for the host after every batch
         rows.append(index)
-    return torch.cat(probs).numpy(), torch.cat(rows).numpy()
+    return torch.cat(probs).cpu().numpy(), torch.cat(rows).numpy()

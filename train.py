@@ -35,12 +35,12 @@ from sklearn.metrics import f1_score
 from timm.data import Mixup
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
 from dataset import (KIT_VERSION, UserError, add_data_args, atomic_write, build_transform, cached_image,
                      find_bad_images, load_image, lookup, resizes_first,
-                     read_boxes, run_main, summarize, table_from_args, ImageDataset)
+                     read_boxes, run_main, summarize, table_from_args, ImageDataset, SeededSampler)
 from loss import create_criterion
 from model import (amp_dtype, autocast, check_model_name, create_model, data_config, load_torch_file, param_groups,
                    predict_probs, to_device, to_probs)
@@ -102,8 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
-    p.add_argument("--cache", default="none", choices=["auto", "memory", "disk", "none"],
+    p.add_argument("--num_workers", type=int, default=-1, help="data loader processes, kept across epochs "
+                   "(-1: none on a CPU, where the model needs every core; up to 8 per GPU)")
+    p.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "none"],
                    help="keep decoded images at input size: memory (RAM, this run only), disk (--cache_dir, "
                         "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
     p.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
@@ -222,21 +223,34 @@ def make_loader(table, args, config, train, rank=0, world=1):
     transform = build_transform(args.augmentation, size, config["interpolation"], train=train)
     dataset = ImageDataset(files, table["label"].to_numpy(), transform, boxes, draft_size=(size[2], size[1]),
                            read=image_reader(args, config, len(table), resizes_first(transform)))
-    generator = torch.Generator()
-    sampler = None
-    if train and args.sampler == "weighted":
+    generator, sampler = torch.Generator(), None
+    if train and world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
+    elif train and args.sampler == "weighted":
         counts = np.bincount(table["label"], minlength=len(config["classes"]))
         sampler = WeightedRandomSampler(1.0 / counts[table["label"]], len(table), generator=generator)
-    if world > 1 and train:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=generator)
     elif world > 1:  # each rank scores a strided share; gather_predictions puts them back in order
         dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     batch = args.batch_size if train else args.valid_batch_size
-    return DataLoader(dataset, batch, shuffle=train and sampler is None, sampler=sampler, generator=generator,
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+    workers = loader_workers(args)
+    # the loader draws a seed from its own generator per new iterator (each epoch without persistent workers):
+    # a separate one keeps the row order and the global stream (dropout, mixup) the same for any --num_workers
+    return DataLoader(dataset, batch, sampler=sampler and SeededSampler(sampler), generator=torch.Generator(),
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                       # a last batch of one image breaks BatchNorm in training mode
                       drop_last=train and len(dataset) > batch and ((args.mixup or args.cutmix) > 0
                                                                     or len(dataset) % batch == 1))
+
+
+def loader_workers(args):
+    """--num_workers, or by default none on a CPU (decoding in workers takes cores from the model; the cache
+    makes reading cheap) and up to 8 per GPU process with a GPU."""
+    if args.num_workers >= 0:
+        return args.num_workers
+    per_process = os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, max(1, per_process - 1)) if torch.cuda.is_available() else 0
 
 
 def image_reader(args, config, n_images, exact):
@@ -244,17 +258,19 @@ def image_reader(args, config, n_images, exact):
     ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM and
     the augmentation resizes first (exact: the same pixels as without the cache)."""
     size, mode, shm = tuple(config["input_size"][1:]), args.cache, Path("/dev/shm")
+    needed = n_images * 3 * size[0] * size[1]
+    if not (shm.is_dir() and shutil.disk_usage(shm).free > 2 * needed):
+        shm = Path(tempfile.gettempdir())  # a container's small /dev/shm: the page cache holds these files too
     if mode == "auto":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        fits = shm.is_dir() and 4 * n_images * 3 * size[0] * size[1] < min(ram, shutil.disk_usage(shm).free)
-        mode = "memory" if fits and exact else "none"
+        mode = "memory" if exact and 4 * needed < min(ram, shutil.disk_usage(shm).free) else "none"
     if mode == "none":
         return load_image
     if mode == "disk":
         folder = Path(args.cache_dir or Path(tempfile.gettempdir()) / "kit-image-cache")
     else:  # one folder per run, shared by its loaders, workers and torchrun ranks
         run_key = hashlib.sha1(str(Path(config["run_dir"]).resolve()).encode()).hexdigest()[:12]
-        folder = (shm if shm.is_dir() else Path(tempfile.gettempdir())) / f"kit-image-cache-{run_key}"
+        folder = shm / f"kit-image-cache-{run_key}"
         atexit.register(shutil.rmtree, folder, True)
     return partial(cached_image, str(folder), size, config["interpolation"])
 
@@ -301,11 +317,12 @@ def make_criterion(args, num_classes, labels):
 
 def train_one_epoch(net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, epoch,
                     files, show):
-    """One pass over the training loader; returns (mean loss, macro F1, images/s)."""
+    """One pass over the training loader; returns (mean loss, macro F1, images/s). Losses and predictions stay
+    on the device until a progress update, so a GPU is not made to wait for the host after every step."""
     net.train()
     dtype = amp_dtype(device, args.amp)
-    total_loss, seen, preds, labels, start = 0.0, 0, [], [], time.perf_counter()
-    steps = len(loader)
+    total_loss, seen, preds, labels, start = torch.zeros((), device=device), 0, [], [], time.perf_counter()
+    steps, recent = len(loader), []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not show,
                mininterval=1.0, dynamic_ncols=True)
     for step, (images, targets, index) in enumerate(bar):
@@ -316,9 +333,6 @@ def train_one_epoch(net, loader, optimizer, scheduler, criterion, ema, mixup, sc
         with autocast(device, dtype):
             logits = net(images)
             loss = criterion(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; batch starts with "
-                            f"{[files[i] for i in index[:3].tolist()]}: lower --lr or use --amp bf16/off")
         scaler.scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == steps:
             scaler.step(optimizer)
@@ -328,16 +342,28 @@ def train_one_epoch(net, loader, optimizer, scheduler, criterion, ema, mixup, sc
                 ema.update(net.module if hasattr(net, "module") else net)
             if scheduler is not None:
                 scheduler.step_update(epoch * steps + step + 1)
-        total_loss += loss.item() * len(images)
+        total_loss += loss.detach() * len(images)
         seen += len(images)
-        preds.append(to_probs(logits.detach(), args.head).argmax(1).cpu())
-        labels.append(hard_targets.cpu())
+        preds.append(to_probs(logits.detach(), args.head).argmax(1))
+        labels.append(hard_targets)
+        recent.append((step, loss.detach(), index))
         if step % args.log_interval == 0 or step + 1 == steps:
+            check_finite(recent, files, epoch)
             rate = seen / (time.perf_counter() - start)
-            f1 = f1_score(torch.cat(labels), torch.cat(preds), average="macro")
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", f1=f"{f1:.3f}", img_s=f"{rate:.0f}")
-    f1 = float(f1_score(torch.cat(labels), torch.cat(preds), average="macro"))
-    return total_loss / max(seen, 1), f1, seen / (time.perf_counter() - start)
+            f1 = f1_score(torch.cat(labels).cpu(), torch.cat(preds).cpu(), average="macro")
+            bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", f1=f"{f1:.3f}", img_s=f"{rate:.0f}")
+    f1 = float(f1_score(torch.cat(labels).cpu(), torch.cat(preds).cpu(), average="macro"))
+    return total_loss.item() / max(seen, 1), f1, seen / (time.perf_counter() - start)
+
+
+def check_finite(recent, files, epoch):
+    """Stop at the first NaN/inf loss since the last check, naming its step and images; empties recent."""
+    bad = torch.nonzero(~torch.isfinite(torch.stack([loss for _, loss, _ in recent]))).flatten().tolist()
+    if bad:
+        step, loss, index = recent[bad[0]]
+        raise UserError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; batch starts with "
+                        f"{[files[i] for i in index[:3].tolist()]}: lower --lr or use --amp bf16/off")
+    recent.clear()
 
 
 def gather_predictions(probs, index, world):
@@ -445,7 +471,8 @@ def feature_training(model, train_rows, val_rows, train_loader, args, config, de
             for r in (train_rows, val_rows)]
     return (FeatureHead(model.backbone.get_classifier(), memo["shape"], views,
                         float(getattr(model.backbone, "drop_rate", 0.0))),
-            DataLoader(sets[0], batch_sampler=train_loader.batch_sampler, generator=train_loader.generator),
+            DataLoader(sets[0], batch_sampler=BatchSampler(train_loader.sampler.sampler, train_loader.batch_size,
+                                                           train_loader.drop_last)),
             DataLoader(sets[1], args.valid_batch_size))
 
 
@@ -462,7 +489,7 @@ def train_fold(fold, table, args, config, run_dir, device, rank, world):
     model, net, optimizer, scheduler, criterion, ema, mixup = build_training(
         args, config, train_rows, device, world, math.ceil(len(train_loader) / args.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
-    head_only = uses_feature_cache(args, world)
+    head_only, epoch_sampler = uses_feature_cache(args, world), train_loader.sampler
     if head_only:  # linear probe: the backbone runs once per image, the epochs train the head alone
         net, train_loader, val_loader = feature_training(model, train_rows, val_rows, train_loader, args, config,
                                                          device)
@@ -477,9 +504,7 @@ def train_fold(fold, table, args, config, run_dir, device, rank, world):
     for epoch in range(start, args.epochs):
         epoch_seed = args.seed * 1000 + fold * 100 + epoch + 7919 * rank  # torchrun ranks augment differently
         seed_everything(epoch_seed)  # each epoch a function of (seed, fold, epoch)
-        train_loader.generator.manual_seed(epoch_seed)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        epoch_sampler.set_epoch(epoch_seed, epoch)
         loss, train_f1, rate = train_one_epoch(net, train_loader, optimizer, scheduler, criterion, ema, mixup,
                                                scaler, args, device, epoch, files, rank == 0)
         eval_model = ema.module if ema is not None else model

@@ -122,14 +122,16 @@ def read_oof(path):
 def test_killed_run_resumes_to_the_same_result(tmp_path, bad_data, reference_run):
     command = train_command(bad_data[0], tmp_path, "killed", "--skip_bad_images", "--num_workers", 1)
     run_dir, deadline = tmp_path / "killed", time.monotonic() + 240
+    def into_next_epoch():  # fold 0 done, fold 1 has saved epoch 1 and its progress bar shows epoch 2
+        text = (tmp_path / "killed.log").read_text()
+        return (run_dir / "fold1" / "last.pth").exists() and "epoch 2/3" in text[text.rfind("epoch 1/3"):]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         try:
-            while not (run_dir / "fold1" / "last.pth").exists():  # fold 0 done, fold 1 has saved an epoch
+            while not into_next_epoch():
                 assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.02)
-            time.sleep(0.3)  # into the next epoch
+                time.sleep(0.01)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
@@ -266,6 +268,20 @@ def test_nan_loss_stops_the_fold_naming_step_and_images(tmp_path, clean_data, mo
     assert code == 2 and message.startswith("error: loss is nan at epoch 1 step 0")
     assert str(clean_data / "images") in message and "--lr" in message and "--amp" in message
     assert not list(tmp_path.glob("x/fold*/*.pth"))
+
+
+def test_nan_loss_between_progress_updates_names_its_own_step(tmp_path, clean_data, monkeypatch, capsys):
+    """Losses are checked at progress updates (no host sync per step), still naming the first bad step."""
+    calls = []
+
+    class LaterNan(torch.nn.Module):
+        def forward(self, logits, target):
+            calls.append(1)
+            return torch.nn.functional.cross_entropy(logits, target) * (float("nan") if len(calls) == 3 else 1)
+    monkeypatch.setattr(train, "create_criterion", lambda *args, **kwargs: LaterNan())
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, *TINY, "--num_workers", 0,
+                                                 "--log_interval", 50, "--model_dir", tmp_path, "--name", "x"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: loss is nan at epoch 1 step 2;")
 
 
 def test_out_of_memory_names_the_batch_size_and_suggests_accumulation(tmp_path, clean_data, monkeypatch,

@@ -20,6 +20,7 @@ import bench  # noqa: E402
 import train  # noqa: E402
 from dataset import (ImageDataset, build_table, build_transform, cached_image, load_image,  # noqa: E402
                      resizes_first)
+import inference  # noqa: E402
 from inference import load_run  # noqa: E402
 from model import predict_probs  # noqa: E402
 
@@ -80,24 +81,93 @@ def test_a_changed_image_is_decoded_again(tmp_path):
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def epochs_of(loader, epochs, seed=7):
+    """The images of each epoch as train_fold draws them: the epoch's seed set on the seeded sampler."""
+    out = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(seed + epoch, epoch)
+        out.append(torch.cat([b[0] for b in loader]))
+    return out
+
+
 def test_cache_modes_and_workers_give_the_loader_the_same_batches(tmp_path):
+    """Row order and augmentation come from the epoch's seed alone: any cache mode, any --num_workers, and
+    persistent workers that ran epoch 0 before give what a fresh loader (as after --resume) gives."""
     table, classes, _, layout = build_table(SAMPLE, folds=2)
     rows = table.head(40)
-    batches = {}
-    for cache, workers in (("none", 0), ("memory", 2), ("disk", 2), ("auto", 0)):
+    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "classes": classes,
+              "run_dir": str(tmp_path / "run")}
+
+    def loader(cache, workers, augmentation="flip"):
         args = train.parse_args(TINY + ["--cache", cache, "--cache_dir", str(tmp_path / "disk"),
-                                        "--num_workers", str(workers)])
-        config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "classes": classes,
-                  "run_dir": str(tmp_path / "run")}
-        loader = train.make_loader(rows, args, config, True)
-        for epoch in range(2):  # the second epoch reads what the first one cached
-            loader.generator.manual_seed(7 + epoch)
-            torch.manual_seed(7 + epoch)
-            batches[cache, workers, epoch] = torch.cat([b[0] for b in loader])
-    for epoch in range(2):
-        assert torch.equal(batches["memory", 2, epoch], batches["disk", 2, epoch])
-        assert torch.equal(batches["none", 0, epoch], batches["auto", 0, epoch])
+                                        "--num_workers", str(workers), "--augmentation", augmentation])
+        return train.make_loader(rows, args, config, True)
+    batches = {(cache, workers): epochs_of(loader(cache, workers), range(2))  # epoch 1 reads what 0 cached
+               for cache, workers in (("none", 0), ("memory", 2), ("disk", 2), ("auto", 0))}
+    expected = batches["none", 0]
+    assert not torch.equal(expected[0], expected[1])  # each epoch flips other images
+    for key, epochs in batches.items():
+        assert all(torch.equal(a, b) for a, b in zip(epochs, expected)), key
+    assert torch.equal(epochs_of(loader("none", 2), [1])[0], expected[1])  # a resumed epoch, fresh workers
+    strong = [epochs_of(loader("none", workers, "strong"), range(2)) for workers in (0, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(*strong)) and not torch.equal(*strong[0])
     assert len(list((tmp_path / "disk").iterdir())) == len(rows)
+
+
+def test_defaults_are_the_fast_path_for_the_device(monkeypatch):
+    """No loader workers on a CPU (the model needs the cores; the cache makes reading cheap), up to 8 per
+    GPU process with CUDA, the cache on when it gives the same pixels."""
+    args = train.parse_args(["--data_dir", str(SAMPLE)])
+    assert args.num_workers == -1 and args.cache == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.loader_workers(args) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert train.loader_workers(args) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes share the 32 cores
+    assert train.loader_workers(args) == 3
+    assert train.loader_workers(train.parse_args(["--num_workers", "5"])) == 5
+
+
+def test_predict_probs_reads_each_image_once_for_every_model_and_view():
+    """A fold ensemble with flip TTA decodes each image once: all models and both views run on that batch."""
+    files, _ = sample_files(10)
+    reads = []
+    dataset = ImageDataset(files, None, build_transform("base", SIZE, train=False), draft_size=(32, 40),
+                           read=lambda path, draft, box: reads.append(path) or load_image(path, draft, box))
+    torch.manual_seed(0)
+    models = [train.create_model("test_resnet", 18, pretrained=False) for _ in range(3)]
+    probs, rows = predict_probs(models, torch.utils.data.DataLoader(dataset, 4), "single", torch.device("cpu"),
+                                "off", True, tta=True)
+    assert sorted(reads) == sorted(files) and rows.tolist() == list(range(10))
+    images = torch.stack([dataset[i][0] for i in range(10)])
+    with torch.no_grad():
+        expected = sum(m.eval()(v).softmax(1) for m in models for v in (images, images.flip(3))) / 6
+    np.testing.assert_allclose(probs, expected.numpy(), atol=1e-5)
+
+
+def test_cross_run_ensemble_decodes_each_test_image_once(tiny_run_dir, tmp_path, monkeypatch):
+    """Runs that read images alike share one decoding pass; every model still counts once in the average."""
+    reads = []
+
+    class CountingDataset(ImageDataset):
+        def __getitem__(self, item):
+            reads.append(item)
+            return super().__getitem__(item)
+    monkeypatch.setattr(inference, "ImageDataset", CountingDataset)
+    for name, runs in (("one", [tiny_run_dir]), ("two", [tiny_run_dir, tiny_run_dir])):
+        monkeypatch.setattr(sys, "argv", ["inference.py", "--data_dir", str(ROOT / "sample/eval"), "--model_dir",
+                                          *map(str, runs), "--output_dir",
+                                          str(tmp_path / name), "--num_workers", "0"])
+        reads.clear()
+        inference.main()
+        assert sorted(reads) == list(range(len(pd.read_csv(ROOT / "sample/eval/info.csv"))))
+    one, two = (pd.read_csv(tmp_path / name / "probs.csv") for name in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two, rtol=0, atol=1e-4)  # bf16 sums in another order
+    config = json.loads((tiny_run_dir / "config.json").read_text())
+    groups = inference.decoding_groups([(config, ["a"]), (config, ["b"]), ({**config, "input_size": [3, 32, 32]},
+                                                                          ["c"])])
+    assert [models for _, models in groups] == [["a", "b"], ["c"]]
 
 
 def test_image_reader_picks_the_cache_folder(tmp_path):
