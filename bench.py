@@ -323,20 +323,23 @@ def bench_run(bench, train_argv, data_dir):
     command = [sys.executable, "train.py", *BENCH_DEFAULTS, *train_argv, "--data_dir", str(data_dir),
                "--model_dir", str(run_dir.parent), "--name", run_dir.name]
     print(" ".join(command), flush=True)
-    start, peaks = time.time(), {"processes": 0, "cache": 0, "processes + cache": 0}
+    start, samples = time.time(), []
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{run_dir}.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
-            sample = {"processes": process_tree_memory(process.pid), "cache": cache_bytes(start)}
-            sample["processes + cache"] = sum(sample.values())
-            peaks = {k: max(v, sample[k]) for k, v in peaks.items()}
+            memory = (process_tree_memory(process.pid), cache_bytes(start))
+            samples.append((round(time.time() - start, 1), *memory, sum(memory)))
             time.sleep(0.5)
+    frame = pd.DataFrame(samples, columns=["seconds", "processes", "cache", "processes + cache"])
+    frame.to_csv(f"{run_dir}.memory.csv", index=False)
+    peaks = frame.drop(columns="seconds").max()
     lines = Path(f"{run_dir}.log").read_text().replace("\r", "\n").splitlines()
     print("\n".join(line for line in lines if line.startswith(("OOF", "fold sizes", "error"))))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(f"exit {process.returncode} in {time.time() - start:.0f} s; peak GiB: " + ", ".join(
-        f"{k} {v / 2**30:.2f}" for k, v in peaks.items()) + f"; RAM {ram / 2**30:.0f} GiB; log {run_dir}.log")
+        f"{k} {v / 2**30:.2f}" for k, v in peaks.items()) + f"; RAM {ram / 2**30:.0f} GiB; log {run_dir}.log, "
+        f"memory over time {run_dir}.memory.csv")
 
 
 def main():

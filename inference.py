@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--tta", action="store_true", help="also predict the horizontally flipped image")
     p.add_argument("--crop", default=None, help="boxes CSV for the test images (crop_faces.py)")
-    p.add_argument("--batch_size", type=int, default=128, help="images per batch")
+    p.add_argument("--batch_size", type=int, default=256, help="images per batch (halved while the GPU runs out "
+                   "of memory)")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     return p.parse_args(argv)
@@ -86,14 +87,24 @@ def decoding_groups(runs):
 
 
 def predict_run(config, models, files, boxes, args, device):
-    """Averaged probabilities of models that read images alike over the test files (each image decoded once)."""
-    size = config["input_size"]
+    """Averaged probabilities of models that read images alike over the test files (each image decoded once);
+    a batch too large for the GPU is halved and the pass started again."""
+    size, batch_size = config["input_size"], args.batch_size
     transform = build_transform("base", size, config["interpolation"], train=False)
     dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
-    loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers,
-                        pin_memory=torch.cuda.is_available())
-    probs, rows = predict_probs(models, loader, config["head"], device, args.amp, config["channels_last"], args.tta)
-    return probs[np.argsort(rows)]
+    while True:
+        loader = DataLoader(dataset, batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+        try:
+            probs, rows = predict_probs(models, loader, config["head"], device, args.amp, config["channels_last"],
+                                        args.tta)
+            return probs[np.argsort(rows)]
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise UserError(f"out of GPU memory with one image per batch for {config['model']}: "
+                                "predict fewer --folds at a time or on a larger GPU") from None
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            print(f"out of GPU memory: --batch_size {batch_size}")
 
 
 def check_submission(frame, expected, probs, classes, layout, source):

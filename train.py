@@ -257,22 +257,36 @@ def image_reader(args, config, n_images, exact):
     """load_image, or cached_image for --cache: memory = files in RAM (/dev/shm) removed when this process
     ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM and
     the augmentation resizes first (exact: the same pixels as without the cache)."""
-    size, mode, shm = tuple(config["input_size"][1:]), args.cache, Path("/dev/shm")
+    size, mode, ram_dir = tuple(config["input_size"][1:]), args.cache, Path("/dev/shm")
     needed = n_images * 3 * size[0] * size[1]
-    if not (shm.is_dir() and shutil.disk_usage(shm).free > 2 * needed):
-        shm = Path(tempfile.gettempdir())  # a container's small /dev/shm: the page cache holds these files too
+    if not (ram_dir.is_dir() and shutil.disk_usage(ram_dir).free > 2 * needed):
+        ram_dir = Path(tempfile.gettempdir())  # a container's small /dev/shm: the page cache holds files too
     if mode == "auto":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        mode = "memory" if exact and 4 * needed < min(ram, shutil.disk_usage(shm).free) else "none"
+        mode = "memory" if exact and 4 * needed < min(ram, shutil.disk_usage(ram_dir).free) else "none"
     if mode == "none":
         return load_image
     if mode == "disk":
         folder = Path(args.cache_dir or Path(tempfile.gettempdir()) / "kit-image-cache")
     else:  # one folder per run, shared by its loaders, workers and torchrun ranks
         run_key = hashlib.sha1(str(Path(config["run_dir"]).resolve()).encode()).hexdigest()[:12]
-        folder = shm / f"kit-image-cache-{run_key}"
+        folder = ram_dir / f"kit-image-cache-{run_key}"
+        remove_abandoned_caches(ram_dir)
+        folder.mkdir(exist_ok=True)
+        (folder / "owner.pid").write_text(str(os.getpid()))
         atexit.register(shutil.rmtree, folder, True)
     return partial(cached_image, str(folder), size, config["interpolation"])
+
+
+def remove_abandoned_caches(ram_dir):
+    """Memory caches of runs whose process is gone (killed before its exit could remove them): RAM back."""
+    for owner in ram_dir.glob("kit-image-cache-*/owner.pid"):
+        try:
+            os.kill(int(owner.read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(owner.parent, ignore_errors=True)
+        except (OSError, ValueError):  # another user's live process, or a file being written
+            continue
 
 
 # ---- one fold ---------------------------------------------------------------------------------------
@@ -516,7 +530,7 @@ def train_fold(fold, table, args, config, run_dir, device, rank, world):
             scheduler.step(epoch + 1, val_f1)
         log.append({"fold": fold, "epoch": epoch + 1, "train_loss": loss, "train_f1": train_f1, "val_f1": val_f1,
                     "val_acc": float((probs.argmax(1) == val_rows["label"].to_numpy()).mean()),
-                    "lr": optimizer.param_groups[0]["lr"], "img_s": rate})
+                    "lr": optimizer.param_groups[0]["lr"], "img_s": rate * world})  # DDP ranks step together
         improved = val_f1 > best_f1
         best_f1, stale = (val_f1, 0) if improved else (best_f1, stale + 1)
         if rank == 0:

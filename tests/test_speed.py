@@ -170,6 +170,24 @@ def test_cross_run_ensemble_decodes_each_test_image_once(tiny_run_dir, tmp_path,
     assert [models for _, models in groups] == [["a", "b"], ["c"]]
 
 
+def test_inference_halves_a_batch_the_gpu_cannot_hold(tiny_run_dir, tmp_path, monkeypatch, capsys):
+    """Inference starts with large batches; out of GPU memory, it halves them and gives the same answers."""
+    real, sizes = inference.predict_probs, []
+
+    def small_gpu(models, loader, *args, **kwargs):
+        sizes.append(loader.batch_size)
+        if loader.batch_size > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(models, loader, *args, **kwargs)
+    argv = ["--data_dir", str(ROOT / "sample/eval"), "--model_dir", str(tiny_run_dir), "--num_workers", "0"]
+    for name, patch in (("small", small_gpu), ("large", real)):
+        monkeypatch.setattr(inference, "predict_probs", patch)
+        monkeypatch.setattr(sys, "argv", ["inference.py", *argv, "--output_dir", str(tmp_path / name)])
+        inference.main()
+    assert sizes == [256, 128, 64, 32] and "out of GPU memory: --batch_size 32" in capsys.readouterr().out
+    assert (tmp_path / "small/output.csv").read_text() == (tmp_path / "large/output.csv").read_text()
+
+
 def test_image_reader_picks_the_cache_folder(tmp_path):
     args = train.parse_args(TINY + ["--cache", "disk", "--cache_dir", str(tmp_path / "kept")])
     config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "run_dir": str(tmp_path / "run")}
@@ -206,7 +224,21 @@ def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(pro
     config = json.loads((probe_run / "config.json").read_text())
     assert config["feature_cache"] is True and config["cache"] == "auto"
     memory = train.image_reader(train.parse_args(TINY + ["--cache", "auto"]), config, 420, True)  # sample fits
-    assert memory.func is cached_image and not Path(memory.args[0]).exists()  # removed when the run ended
+    assert memory.func is cached_image  # the run's folder again, made anew: the run's images were removed
+    assert [p.name for p in Path(memory.args[0]).iterdir()] == ["owner.pid"]
+
+
+def test_memory_caches_of_killed_runs_are_removed(tmp_path):
+    """A run killed before its exit could remove its memory cache: the next run gives that RAM back."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name, pid in (("killed", gone), ("running", str(os.getpid())), ("unmarked", None)):
+        (tmp_path / f"kit-image-cache-{name}").mkdir()
+        (tmp_path / f"kit-image-cache-{name}" / "x.u8").write_bytes(b"pixels")
+        if pid:
+            (tmp_path / f"kit-image-cache-{name}" / "owner.pid").write_text(pid)
+    train.remove_abandoned_caches(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kit-image-cache-running", "kit-image-cache-unmarked"]
 
 
 def test_feature_path_checkpoint_predicts_its_own_oof_and_keeps_the_backbone(probe_run):
