@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import warnings
+from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -418,6 +419,20 @@ def find_bad_images(paths, workers=None):
     with Pool(workers or os.cpu_count()) as pool:
         reasons = pool.map(check_image, paths, chunksize=64)
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def fill_cache(read, items, workers=None):
+    """Decode (path, draft_size, box) items through read (a cached_image reader) on every core, so the first
+    epoch reads a warm cache; an image that fails is left to the loader, which names it."""
+    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pool.starmap(partial(cache_one, read), items, chunksize=32)
+
+
+def cache_one(read, path, draft_size, box):
+    try:
+        read(path, draft_size, box)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        pass  # --skip_bad_images dropped it from the table already, or the loader reports it
 
 
 def read_boxes(boxes_csv, paths, margin=0.2):

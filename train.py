@@ -39,7 +39,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from tqdm import tqdm
 
 from dataset import (KIT_VERSION, UserError, add_data_args, atomic_write, build_transform, cached_image,
-                     find_bad_images, load_image, lookup, resizes_first,
+                     fill_cache, find_bad_images, load_image, lookup, resizes_first,
                      read_boxes, run_main, summarize, table_from_args, ImageDataset, SeededSampler)
 from loss import create_criterion
 from model import (amp_dtype, autocast, check_model_name, create_model, data_config, load_torch_file, param_groups,
@@ -242,6 +242,21 @@ def make_loader(table, args, config, train, rank=0, world=1):
                       # a last batch of one image breaks BatchNorm in training mode
                       drop_last=train and len(dataset) > batch and ((args.mixup or args.cutmix) > 0
                                                                     or len(dataset) % batch == 1))
+
+
+def warm_cache(table, args, config, rank, world):
+    """With the cache on, rank 0 decodes every image into it on all cores before fold 0 trains."""
+    size = config["input_size"]
+    exact = resizes_first(build_transform(args.augmentation, size, config["interpolation"], train=True))
+    read = image_reader(args, config, len(table), exact)
+    if rank == 0 and read is not load_image:
+        boxes = read_boxes(args.crop, table["path"], args.crop_margin) if args.crop else [None] * len(table)
+        start = time.perf_counter()
+        fill_cache(read, [(str(Path(args.data_dir) / p), (size[2], size[1]), box)
+                          for p, box in zip(table["path"], boxes)])
+        print(f"cache: {len(table)} images decoded at {size[1]}x{size[2]} in {time.perf_counter() - start:.0f} s")
+    if world > 1:
+        dist.barrier()
 
 
 def loader_workers(args):
@@ -646,6 +661,8 @@ def main():
     folds = [args.fold] if args.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
     if args.fold_per_device and torch.cuda.device_count() > 1 and args.fold is None:
         return launch_fold_per_device(run_dir, folds, config)
+    if any(not (run_dir / f"fold{fold}" / "oof.csv").is_file() for fold in folds):
+        warm_cache(table, args, config, rank, world)
     for fold in folds:
         if (run_dir / f"fold{fold}" / "oof.csv").is_file():
             if rank == 0:

@@ -17,6 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import bench  # noqa: E402
+import dataset  # noqa: E402
 import train  # noqa: E402
 from dataset import (ImageDataset, build_table, build_transform, cached_image, load_image,  # noqa: E402
                      resizes_first)
@@ -226,6 +227,28 @@ def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(pro
     memory = train.image_reader(train.parse_args(TINY + ["--cache", "auto"]), config, 420, True)  # sample fits
     assert memory.func is cached_image  # the run's folder again, made anew: the run's images were removed
     assert [p.name for p in Path(memory.args[0]).iterdir()] == ["owner.pid"]
+
+
+def test_run_start_fills_the_cache_and_leaves_bad_images_to_the_loader(tmp_path, monkeypatch):
+    """Before fold 0 every image is decoded into the cache on all cores: the first epoch then reads it warm."""
+    table = build_table(SAMPLE, folds=2)[0].head(20)
+    data_dir = tmp_path / "data"
+    for path in table["path"]:
+        (data_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (data_dir / path).write_bytes((SAMPLE / path).read_bytes())
+    (data_dir / table["path"][3]).write_bytes(b"")  # unreadable: the fill skips it, the loader would name it
+    args = train.parse_args(TINY + ["--data_dir", str(data_dir), "--cache", "memory"])
+    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "run_dir": str(tmp_path / "run")}
+    files = [str(data_dir / p) for p in table["path"] if p != table["path"][3]]
+    expected = [cached_image(str(tmp_path / "reference"), (64, 48), "bilinear", f, (48, 64)) for f in files]
+    train.warm_cache(table, args, config, 0, 1)
+    read = train.image_reader(args, config, len(table), True)
+    assert len(list(Path(read.args[0]).glob("*.u8"))) == len(files)
+
+    def no_decoding(*args):
+        raise AssertionError("decoded again")
+    monkeypatch.setattr(dataset, "load_image", no_decoding)  # what cached_image calls on a miss
+    assert all(torch.equal(read(f, (48, 64), None), e) for f, e in zip(files, expected))
 
 
 def test_memory_caches_of_killed_runs_are_removed(tmp_path):
