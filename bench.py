@@ -311,9 +311,13 @@ def process_tree_memory(root):
 
 def cache_bytes(since):
     """Bytes of the decoded-image cache folders (RAM in /dev/shm) made since a time."""
-    folders = [f for base in ("/dev/shm", tempfile.gettempdir()) for f in Path(base).glob("kit-image-cache-*")]
-    return sum(file.stat().st_size for folder in folders if folder.stat().st_mtime >= since
-               for file in folder.iterdir() if file.is_file())
+    total = 0
+    for folder in [f for base in ("/dev/shm", tempfile.gettempdir()) for f in Path(base).glob("kit-image-cache-*")]:
+        try:
+            total += sum(file.stat().st_size for file in folder.iterdir()) if folder.stat().st_mtime >= since else 0
+        except OSError:  # the run removed its folder meanwhile
+            continue
+    return total
 
 
 def bench_run(bench, train_argv, data_dir):
