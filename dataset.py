@@ -403,6 +403,9 @@ def load_image(path, draft_size=None, box=None):
         return image.convert("RGB")
 
 
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)  # what a bad file raises
+
+
 def check_image(path):
     """None if the image decodes completely, else the reason."""
     try:
@@ -410,7 +413,7 @@ def check_image(path):
             image.draft("RGB", (image.size[0] // 8 + 1, image.size[1] // 8 + 1))  # decodes every byte, faster
             image.load()
         return None
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+    except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"
 
 
@@ -431,7 +434,7 @@ def fill_cache(read, items, workers=None):
 def cache_one(read, path, draft_size, box):
     try:
         read(path, draft_size, box)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         pass  # --skip_bad_images dropped it from the table already, or the loader reports it
 
 
