@@ -18,7 +18,8 @@ import torch
 from flask import Flask, render_template_string, request
 from PIL import UnidentifiedImageError
 
-from dataset import HEAD_NAMES, HEAD_SIZES, UserError, build_transform, load_image, make_label, run_main
+from common import UserError, run_main
+from dataset import HEAD_NAMES, build_transform, head_marginals, head_value_names, load_image
 from inference import load_run
 from model import predict_probs
 
@@ -72,12 +73,8 @@ def predict(models, config, transform, image):
 
 def attributes(probs, classes):
     """Mask layout: [(head, [(value name, probability)])], each head's marginal of the 18 probabilities."""
-    grid, heads = probs.reshape(HEAD_SIZES), []  # label = make_label(mask, gender, age group)
-    for axis, (head, size) in enumerate(zip(HEAD_NAMES, HEAD_SIZES)):
-        marginal = grid.sum(tuple(a for a in range(len(HEAD_SIZES)) if a != axis))
-        labels = [make_label(*[value if a == axis else 0 for a in range(len(HEAD_SIZES))]) for value in range(size)]
-        heads.append((head, [(classes[label].split("/")[axis], float(p)) for label, p in zip(labels, marginal)]))
-    return heads
+    return [(head, [(name, float(p)) for name, p in zip(names, marginal)])
+            for head, names, marginal in zip(HEAD_NAMES, head_value_names(classes), head_marginals(probs))]
 
 
 def preview(image):

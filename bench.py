@@ -38,8 +38,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import speed
 import train
-from dataset import atomic_write, build_table, run_main, table_from_args
+from common import atomic_write, run_main
+from dataset import build_table
 from model import amp_dtype, autocast, create_model, predict_probs, to_device
 
 PHOTO_SIZE = (384, 512)  # width, height of the competition's photos
@@ -195,74 +197,67 @@ def reference_rate(model, optimizer, loader, device):
 
 # ---- the bench ---------------------------------------------------------------------------------------
 def setup(args, bench, device):
-    """Training objects built by train.py's own functions for the bench's rows."""
-    table, classes, _, layout = table_from_args(args)
-    rows = table.sample(min(len(table), bench.batches * args.batch_size), random_state=0).reset_index(drop=True)
-    config = train.make_config(args, classes, layout, train.model_settings(args, classes),
-                               Path(bench.work_dir) / "run")
-    model, net, optimizer, scheduler, criterion, ema, mixup = train.build_training(
-        args, config, rows, device, 1, len(rows) // args.batch_size + 1)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
-    fwd_bwd_rate(net, optimizer, criterion, synthetic_batches(args, config, 1), args, device)  # one-time warm-up
-    return rows, config, (model, net, optimizer, scheduler, criterion, ema, mixup, scaler)
+    """(rows, settings, fold objects) built by train.py's own functions for the bench's rows."""
+    cfg, table, _ = train.run_settings(args, Path(bench.work_dir) / "run")
+    rows = table.sample(min(len(table), bench.batches * cfg.batch_size), random_state=0).reset_index(drop=True)
+    fold = train.build_fold(cfg, rows, len(rows) // cfg.batch_size + 1, device)
+    fwd_bwd_rate(fold.net, fold.optimizer, fold.criterion, synthetic_batches(cfg, 1), cfg, device)  # warm-up
+    return rows, cfg, fold
 
 
-def synthetic_batches(args, config, count):
-    return [(torch.randint(0, 256, (args.batch_size, *config["input_size"]), dtype=torch.uint8),
-             torch.randint(0, len(config["classes"]), (args.batch_size,))) for _ in range(count)]
+def synthetic_batches(cfg, count):
+    return [(torch.randint(0, 256, (cfg.batch_size, *cfg.input_size), dtype=torch.uint8),
+             torch.randint(0, len(cfg.classes), (cfg.batch_size,))) for _ in range(count)]
 
 
-def make_loaders(rows, config, args):
+def make_loaders(rows, cfg):
     """train.py's loaders, made once as a fold makes them (workers persist across rounds as across epochs):
     training, training without the cache, evaluation."""
-    return (train.make_loader(rows, args, config, True),
-            train.make_loader(rows, argparse.Namespace(**{**vars(args), "cache": "none"}), config, True),
-            train.make_loader(rows, args, config, False))
+    return (train.make_loader(rows, cfg, True),
+            train.make_loader(rows, argparse.Namespace(**{**vars(cfg), "cache": "none"}), True),
+            train.make_loader(rows, cfg, False))
 
 
-def measure_round(round_index, rows, config, parts, loaders, reference, args, device):
+def measure_round(round_index, rows, cfg, fold, loaders, reference, device):
     """{row: (images/s, CPU ms per image)} of every row (train loop first: round 1 times a cold cache)."""
-    model, net, optimizer, scheduler, criterion, ema, mixup, scaler = parts
-    files = [str(Path(args.data_dir) / p) for p in rows["path"]]
     loader, uncached_loader, eval_loader = loaders
-    loader.sampler.set_epoch(args.seed + round_index, round_index)
-    rates = {"train loop": timed(device, len(rows), lambda: train.train_one_epoch(
-        net, loader, optimizer, scheduler, criterion, ema, mixup, scaler, args, device, round_index, files, False))}
-    rates["fwd+bwd"] = fwd_bwd_rate(net, optimizer, criterion, synthetic_batches(args, config, len(loader)), args,
-                                    device)
+    loader.sampler.set_epoch(cfg.seed + round_index, round_index)
+    rates = {"train loop": timed(device, len(rows), lambda: train.train_one_epoch(fold, loader, cfg, device,
+                                                                                  round_index, False))}
+    rates["fwd+bwd"] = fwd_bwd_rate(fold.net, fold.optimizer, fold.criterion, synthetic_batches(cfg, len(loader)),
+                                    cfg, device)
     ref_model, ref_optimizer, ref_loader = reference
     rates["reference"] = reference_rate(ref_model, ref_optimizer, ref_loader, device)
     rates["data"] = data_rate(uncached_loader, device)
-    if train.image_reader(args, config, len(rows), True) is not train.load_image:
+    if speed.image_reader(cfg, len(rows), True) is not speed.load_image:
         rates["data, cache"] = data_rate(loader, device)
-    rates["infer TTA x1"] = infer_rate([model], eval_loader, args, device)
-    rates["infer TTA x5"] = infer_rate([model] * 5, eval_loader, args, device)
+    rates["infer TTA x1"] = infer_rate([fold.model], eval_loader, cfg, device)
+    rates["infer TTA x5"] = infer_rate([fold.model] * 5, eval_loader, cfg, device)
     return rates
 
 
-def make_reference(rows, config, args, device):
-    files = [str(Path(args.data_dir) / p) for p in rows["path"]]
-    dataset = BaselineDataset(files, rows["label"].to_numpy(), tuple(config["input_size"][1:]),
-                              config["mean"], config["std"])
-    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=train.loader_workers(args),
+def make_reference(rows, cfg, device):
+    files = [str(Path(cfg.data_dir) / p) for p in rows["path"]]
+    dataset = BaselineDataset(files, rows["label"].to_numpy(), tuple(cfg.input_size[1:]), cfg.mean, cfg.std)
+    loader = DataLoader(dataset, cfg.batch_size, shuffle=True, num_workers=speed.loader_workers(cfg),
                         pin_memory=torch.cuda.is_available())
-    model = create_model(args.model, len(config["classes"]), args.head, pretrained=False).backbone.to(device)
-    return model, train.OPTIMIZERS[args.optimizer](model.parameters(), args.lr, args.weight_decay), loader
+    model = create_model(cfg.model, len(cfg.classes), cfg.head, pretrained=False).backbone.to(device)
+    return model, train.OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay), loader
 
 
-def report(all_rates, rows, config, args, device, seconds):
+def report(all_rates, rows, cfg, device, seconds):
     """Rates (median and best of the warm rounds), CPU cost, ratios, peak memory and the machine's load."""
     warm = all_rates[1:] or all_rates
-    size = "x".join(map(str, config["input_size"][1:]))
-    print(f"\n{len(rows)} images of {args.data_dir} at {size}, {args.model}, batch {args.batch_size}, "
-          f"workers {train.loader_workers(args)}, cache {args.cache}, amp {amp_dtype(device, args.amp)}, channels_last "
-          f"{args.channels_last}, device {device}, {torch.get_num_threads()} threads, {len(all_rates)} rounds")
+    size = "x".join(map(str, cfg.input_size[1:]))
+    print(f"\n{len(rows)} images of {cfg.data_dir} at {size}, {cfg.model}, batch {cfg.batch_size}, "
+          f"workers {speed.loader_workers(cfg)}, cache {cfg.cache}, amp {amp_dtype(device, cfg.amp)}, channels_last "
+          f"{cfg.channels_last}, device {device}, {torch.get_num_threads()} threads, {len(all_rates)} rounds")
     print(f"{'images/s':<26}{'median':>10}{'best':>10}{'CPU ms/img':>12}")
     for key in all_rates[0]:
         rates = [r[key][0] for r in warm]
         cpu = statistics.median(r[key][1] for r in warm)
         print(f"{key:<26}{statistics.median(rates):>10.1f}{max(rates):>10.1f}{cpu:>12.2f}")
-    if args.cache != "none" and len(all_rates) > 1:
+    if cfg.cache != "none" and len(all_rates) > 1:
         print(f"{'train loop, cold cache':<26}{all_rates[0]['train loop'][0]:>10.1f}{'':>10}"
               f"{all_rates[0]['train loop'][1]:>12.2f}")
     for a, b in (("train loop", "fwd+bwd"), ("train loop", "reference")):
@@ -358,14 +353,14 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train.seed_everything(args.seed)
     start = time.perf_counter()
-    rows, config, parts = setup(args, bench, device)
-    reference = make_reference(rows, config, args, device)
-    loaders, all_rates = make_loaders(rows, config, args), []
+    rows, cfg, fold = setup(args, bench, device)
+    reference = make_reference(rows, cfg, device)
+    loaders, all_rates = make_loaders(rows, cfg), []
     for round_index in range(bench.rounds):
-        all_rates.append(measure_round(round_index, rows, config, parts, loaders, reference, args, device))
+        all_rates.append(measure_round(round_index, rows, cfg, fold, loaders, reference, device))
         print(f"round {round_index + 1} (images/s): " + ", ".join(f"{k} {v[0]:.1f}" for k, v in
                                                                   all_rates[-1].items()), flush=True)
-    report(all_rates, rows, config, args, device, time.perf_counter() - start)
+    report(all_rates, rows, cfg, device, time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (ImageDataset, UserError, atomic_write, build_table, find_bad_images, lookup, read_test_table,
-                     run_main)
+from common import UserError, atomic_write, lookup, run_main
+from dataset import ImageDataset, build_table, find_bad_images, read_test_table
 
 FALLBACK_BOX = (0.2, 0.1, 0.8, 0.7)  # x0, y0, x1, y1 as shares of width/height: a portrait's face
 COLUMNS = ["path", "x0", "y0", "x1", "y1", "prob", "found"]

@@ -11,13 +11,9 @@ Layouts (detected from what is in --data_dir, or --layout):
 This file is the one place for the label formula, class names, age groups and folds.
 """
 import argparse
-import difflib
-import hashlib
 import json
 import os
-import sys
 import warnings
-from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -26,8 +22,10 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
+
+from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
 
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 MASK_NAMES = ("wear", "incorrect", "not_worn")
@@ -38,40 +36,6 @@ HEAD_SIZES = (3, 2, 3)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MASK_COLUMNS = ("id", "gender", "age", "path")
 KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
-
-
-class UserError(ValueError):
-    """A problem with the user's input: printed as one line, never as a traceback."""
-
-
-def run_main(main):
-    """Run a script's main(), turning a UserError into one 'error:' line and exit status 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def lookup(registry, name, what):
-    """registry[name], or a UserError naming close matches and every valid name."""
-    if name in registry:
-        return registry[name]
-    close = difflib.get_close_matches(str(name), list(registry), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown {what} '{name}'{hint} valid: {', '.join(registry)}")
 
 
 # ---- labels: the one formula ----------------------------------------------------------------
@@ -87,6 +51,26 @@ def make_label(mask, gender, age_grp):
 def split_label(label):
     """18-class label -> (mask, gender, age group); works on ints, numpy arrays and tensors."""
     return label // 6, (label // 3) % 2, label % 3
+
+
+def head_marginals(probs):
+    """(..., 18) class probabilities -> [(..., 3), (..., 2), (..., 3)]: per head (mask, gender, age), the sum
+    over the other two; numpy arrays or tensors."""
+    grid = probs.reshape(*probs.shape[:-1], *HEAD_SIZES)
+    axes = (-3, -2, -1)
+    return [grid.sum(tuple(a for a in axes if a != keep)) for keep in axes]
+
+
+def joint_from_heads(mask, gender, age):
+    """Per-head probabilities (N, 3), (N, 2), (N, 3) -> (N, 18) in label order, as if independent."""
+    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
+
+
+def head_value_names(classes):
+    """Mask-layout class names 'mask/gender/age' -> the value names of each head, in head order."""
+    heads = split_label(np.arange(len(classes)))
+    return [[next(classes[i].split("/")[h] for i in range(len(classes)) if heads[h][i] == value)
+             for value in range(size)] for h, size in enumerate(HEAD_SIZES)]
 
 
 def mask_class_names(bounds=AGE_BOUNDS):
@@ -424,20 +408,6 @@ def find_bad_images(paths, workers=None):
     return [(p, r) for p, r in zip(paths, reasons) if r is not None]
 
 
-def fill_cache(read, items, workers=None):
-    """Decode (path, draft_size, box) items through read (a cached_image reader) on every core, so the first
-    epoch reads a warm cache; an image that fails is left to the loader, which names it."""
-    with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        pool.starmap(partial(cache_one, read), items, chunksize=32)
-
-
-def cache_one(read, path, draft_size, box):
-    try:
-        read(path, draft_size, box)
-    except DECODE_ERRORS:
-        pass  # --skip_bad_images dropped it from the table already, or the loader reports it
-
-
 def read_boxes(boxes_csv, paths, margin=0.2):
     """Crop boxes for paths from a CSV (path,x0,y0,x1,y1), widened by margin of their size."""
     boxes = read_csv_checked(boxes_csv, ["path", "x0", "y0", "x1", "y1"]).set_index("path")
@@ -486,25 +456,10 @@ def resizes_first(transform):
     return isinstance(transform.transforms[0], T.Resize)
 
 
-def cached_image(cache_dir, size, interpolation, path, draft_size=None, box=None):
-    """load_image resized to size (H, W) as a uint8 CHW tensor, decoded once and then read back from a raw
-    file in cache_dir. The file is named by the source's path, byte size and mtime (and size, box), so a
-    changed image is decoded again; separate files need no locking between workers, ranks and runs."""
-    stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{tuple(size)}|{interpolation}|{box}"
-    file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.u8"
-    if file.is_file():
-        return torch.from_numpy(np.fromfile(file, np.uint8).reshape(3, *size))
-    image = T.Compose(resize_ops(tuple(size), interpolation_mode(interpolation)))(load_image(path, draft_size, box))
-    pixels = image.as_subclass(torch.Tensor).contiguous()
-    atomic_write(file, lambda tmp: pixels.numpy().tofile(tmp))
-    return pixels
-
-
 class ImageDataset(Dataset):
     """Images of a table as (uint8 CHW tensor, label, row index); labels None -> -1 (test images).
     heads=True adds (mask, gender, age group) for multi-head models on the mask layout; read is
-    load_image or a functools.partial of cached_image (same arguments: path, draft_size, box)."""
+    load_image or a reader with its arguments (path, draft_size, box), such as speed.py's image cache."""
 
     def __init__(self, files, labels=None, transform=None, boxes=None, draft_size=None, heads=False,
                  read=load_image):
@@ -515,43 +470,11 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)  # (row, seed) from SeededSampler
+    def __getitem__(self, index):
         box = self.boxes[index] if self.boxes is not None else None
-        image = self.read(self.files[index], self.draft_size, box)
-        if seed is None:
-            image = self.transform(image)
-        else:
-            state = torch.get_rng_state()  # the caller's random stream (dropout, mixup) is left alone
-            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~100x more
-            image = self.transform(image)
-            torch.set_rng_state(state)
+        image = self.transform(self.read(self.files[index], self.draft_size, box))
         label = int(self.labels[index])
         return (image, label, index, torch.tensor(split_label(label))) if self.heads else (image, label, index)
-
-
-class SeededSampler(Sampler):
-    """Any sampler's rows as (row, seed): each drawn image is augmented from its own seed, a function of the
-    epoch's seed and its place in the epoch, so the batches do not depend on which worker (or none) decodes
-    them, and loader workers can persist across epochs. set_epoch also passes the epoch to a
-    DistributedSampler."""
-
-    def __init__(self, sampler):
-        self.sampler, self.seed = sampler, 0
-
-    def set_epoch(self, seed, epoch):
-        """The epoch's row order and augmentation from its seed (a DistributedSampler's order from epoch)."""
-        self.seed = seed % 2**31
-        if getattr(self.sampler, "generator", None) is not None:
-            self.sampler.generator.manual_seed(seed)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return ((row, self.seed * 2**32 + place) for place, row in enumerate(self.sampler))
-
-    def __len__(self):
-        return len(self.sampler)
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -562,9 +485,9 @@ def add_data_args(parser):
     parser.add_argument("--path_col", default="path", help="image path column/field (csv, json)")
     parser.add_argument("--label_col", default="label", help="label column/field (csv, json)")
     parser.add_argument("--group_col", default=None, help="group column kept in one fold (csv, json)")
-    parser.add_argument("--age_bounds", type=int, nargs=2, default=list(AGE_BOUNDS), help="age group edges")
-    parser.add_argument("--folds", type=int, default=5, help="K folds; 1 = one grouped holdout")
-    parser.add_argument("--val_ratio", type=float, default=0.2, help="holdout share when --folds 1")
+    parser.add_argument("--age_bounds", type=in_range(int, 1), nargs=2, default=list(AGE_BOUNDS), help="age group edges")
+    parser.add_argument("--folds", type=in_range(int, 1), default=5, help="K folds; 1 = one grouped holdout")
+    parser.add_argument("--val_ratio", type=in_range(float, 0, 1, True, True), default=0.2, help="holdout share when --folds 1")
     parser.add_argument("--split", default="group", choices=["group", "random"],
                         help="group keeps each person in one fold; random leaks (for comparison only)")
     parser.add_argument("--drop_list", default=None, help="CSV of images to leave out (path or profile)")
@@ -588,7 +511,7 @@ def summarize(table, classes, notes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", "sample/train"))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=None, help="write the table here (CSV)")

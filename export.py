@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dataset import UserError, atomic_write, build_transform, lookup, run_main
+from common import UserError, atomic_write, lookup, run_main
+from dataset import build_transform
 from inference import load_run
 from model import to_probs
 

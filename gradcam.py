@@ -24,7 +24,8 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from dataset import UserError, atomic_write, build_transform, load_image, read_boxes, run_main
+from common import UserError, atomic_write, run_main
+from dataset import build_transform, load_image, read_boxes
 from inference import load_run
 from model import to_probs
 from report import read_run, worst_predictions

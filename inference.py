@@ -9,7 +9,6 @@ averaged (soft voting). OUTPUT/output.csv has info.csv's (or the sample submissi
 order with the answer filled; OUTPUT/probs.csv holds the averaged probabilities for later blending.
 """
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -18,9 +17,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import (KIT_VERSION, ImageDataset, UserError, atomic_write, build_transform, find_bad_images, read_boxes,
-                     read_csv_checked, read_test_table, run_main)
+from common import UserError, atomic_write, run_main
+from dataset import ImageDataset, build_transform, find_bad_images, read_boxes, read_csv_checked, read_test_table
 from model import load_checkpoint, predict_probs
+from runs import check_same_run, read_config
 
 
 def parse_args(argv=None):
@@ -44,13 +44,7 @@ def parse_args(argv=None):
 
 def load_run(run_dir, folds=None, which="best", device="cpu"):
     """The fold models of a run folder and its config; each checkpoint must match the config."""
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path} not found: --model_dir takes a run folder made by train.py")
-    config = json.loads(config_path.read_text())
-    if config.get("kit_version") != KIT_VERSION:
-        raise UserError(f"{run_dir} was made by kit version {config.get('kit_version')}, this is {KIT_VERSION}: "
-                        "train it again with this kit")
+    config = read_config(run_dir)
     paths = sorted(Path(run_dir).glob(f"fold*/{which}.pth"), key=lambda p: int(p.parent.name[4:]))
     paths = [p for p in paths if folds is None or int(p.parent.name[4:]) in folds]
     if not paths:
@@ -59,10 +53,7 @@ def load_run(run_dir, folds=None, which="best", device="cpu"):
     models = []
     for path in paths:
         model, saved = load_checkpoint(path, device)
-        for key in ("model", "head", "classes"):
-            if saved[key] != config[key]:
-                raise UserError(f"{path} has {key}={saved[key]!r} but {config_path} says {config[key]!r}: "
-                                "the checkpoint comes from another run; copy the right one")
+        check_same_run(saved, config, path, "copy the right checkpoint or train again")
         models.append(model)
     return models, config
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dataset import HEAD_NAMES, atomic_write, lookup, run_main, split_label
+from common import atomic_write, lookup, run_main
+from dataset import HEAD_NAMES, split_label
 from report import image_caption, read_run, save_image_grid
 
 MAX_SHOWN = 60  # a bigger grid is too small to read

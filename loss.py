@@ -9,19 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import HEAD_NAMES, HEAD_SIZES, UserError, lookup, split_label
+from common import UserError, lookup
+from dataset import HEAD_NAMES, HEAD_SIZES, head_marginals, split_label
 
 
 def as_probs(target, num_classes, dtype):
     """Int targets (N,) -> one-hot (N, C); probability targets pass through."""
     return target.to(dtype) if target.dim() == 2 else F.one_hot(target, num_classes).to(dtype)
-
-
-def head_marginals(probs):
-    """(..., 18) -> [(..., 3), (..., 2), (..., 3)]: per head, sum out the other two (split_label's layout)."""
-    grid = probs.reshape(*probs.shape[:-1], *HEAD_SIZES)
-    axes = (-3, -2, -1)
-    return [grid.sum(dim=[a for a in axes if a != keep]) for keep in axes]
 
 
 def class_weights(class_counts):

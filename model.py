@@ -15,7 +15,8 @@ import timm
 import torch
 from torch import nn
 
-from dataset import HEAD_SIZES, UserError, lookup
+from common import UserError, lookup
+from dataset import HEAD_SIZES, joint_from_heads
 
 HEADS = {"single": lambda num_classes: num_classes,    # one softmax over all classes
          "multi": lambda num_classes: sum(HEAD_SIZES)}  # mask 3 | gender 2 | age 3 logits
@@ -38,8 +39,7 @@ def to_probs(logits, head="single"):
     """Logits -> class probabilities; multi-head: product of the three softmaxes, in label order."""
     if head == "single":
         return logits.float().softmax(1)
-    mask, gender, age = (part.float().softmax(1) for part in logits.split(HEAD_SIZES, dim=1))
-    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
+    return joint_from_heads(*(part.float().softmax(1) for part in logits.split(HEAD_SIZES, dim=1)))
 
 
 def one_line(err, limit):

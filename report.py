@@ -27,7 +27,9 @@ import pandas as pd
 import seaborn as sns
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from dataset import HEAD_NAMES, HEAD_SIZES, UserError, atomic_write, load_image, run_main, split_label
+from common import UserError, atomic_write, run_main
+from dataset import HEAD_NAMES, HEAD_SIZES, head_value_names, load_image, split_label
+from runs import read_config
 
 REPORT_PNGS = {"confusion.png": "Confusion matrix (counts)",
                "confusion_normalized.png": "Confusion matrix (% of each true class)",
@@ -102,17 +104,10 @@ def save_confusion_png(labels, preds, classes, path, title="Out-of-fold confusio
     return counts
 
 
-def head_class_names(classes):
-    """Mask-layout class names 'mask/gender/age' -> the value names of each head, in head order."""
-    heads = split_label(np.arange(len(classes)))
-    return [[next(classes[i].split("/")[h] for i in range(len(classes)) if heads[h][i] == value)
-             for value in range(size)] for h, size in enumerate(HEAD_SIZES)]
-
-
 def save_heads_png(labels, preds, classes, path):
     """Mask 3x3, gender 2x2 and age-group 3x3 confusion counts side by side."""
     fig, axes = plt.subplots(1, 3, figsize=(14, 5), layout="constrained")
-    for ax, name, names, true, pred in zip(axes, HEAD_NAMES, head_class_names(classes), split_label(labels),
+    for ax, name, names, true, pred in zip(axes, HEAD_NAMES, head_value_names(classes), split_label(labels),
                                           split_label(preds)):
         counts = confusion_matrix(true, pred, labels=range(len(names)))
         plot_matrix(ax, counts, names, f"{name}: accuracy {np.mean(true == pred):.3f}")
@@ -258,13 +253,10 @@ def write_run_metrics(run_dir, classes, layout):
 
 def read_run(run_dir, data_dir=None):
     """config.json, the OOF frame and the image folder of a run; one-line errors if missing."""
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path} not found: --model_dir takes a run folder made by train.py")
-    config = json.loads(config_path.read_text())
+    config = read_config(run_dir)
     data_dir = Path(data_dir or config["data_dir"])
     if not data_dir.is_dir():
-        raise UserError(f"image folder {data_dir} (from {config_path}) not found: pass --data_dir")
+        raise UserError(f"image folder {data_dir} (from {Path(run_dir) / 'config.json'}) not found: pass --data_dir")
     return config, collect_oof(run_dir), data_dir
 
 

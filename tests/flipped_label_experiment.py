@@ -19,7 +19,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.pth"
-from dataset import atomic_write, build_table  # noqa: E402
+from common import atomic_write  # noqa: E402
+from dataset import build_table  # noqa: E402
 from label_issues import write_label_issues  # noqa: E402
 
 

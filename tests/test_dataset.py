@@ -19,7 +19,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import dataset  # noqa: E402
-from dataset import UserError, apply_corrections, build_table, detect_layout, load_image  # noqa: E402
+from common import UserError, run_main  # noqa: E402
+from dataset import apply_corrections, build_table, detect_layout, load_image  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 STEM_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -94,7 +95,7 @@ def run_cli(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["dataset.py", *map(str, args)])
     monkeypatch.delenv("SM_CHANNEL_TRAIN", raising=False)
     try:
-        dataset.run_main(dataset.main)
+        run_main(dataset.main)
         code = 0
     except SystemExit as stop:
         code = stop.code

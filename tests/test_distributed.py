@@ -15,8 +15,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
+import distributed  # noqa: E402
 import train  # noqa: E402
-from dataset import UserError  # noqa: E402
+from common import UserError  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 COMMON = ["--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--epochs", "6", "--folds", "2",
@@ -92,8 +93,8 @@ def test_fold_per_device_starts_a_process_per_gpu_on_the_given_ids(tmp_path, mon
         started.append((command[-1], env["CUDA_VISIBLE_DEVICES"]))
         return popen(command, env=env)
 
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(train.subprocess, "Popen", record)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(distributed.subprocess, "Popen", record)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(sys, "argv", ["train.py", "--data_dir", str(SAMPLE), *COMMON, "--epochs", "2",
@@ -110,6 +111,5 @@ def test_fold_per_device_starts_a_process_per_gpu_on_the_given_ids(tmp_path, mon
 
 def test_fold_per_device_is_refused_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = train.parse_args(["--fold_per_device", "--model", "test_resnet"])
     with pytest.raises(UserError, match="not torchrun"):
-        train.check_args(args, "mask")
+        train.parse_args(["--fold_per_device", "--model", "test_resnet"])

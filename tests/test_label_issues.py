@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-from dataset import MASK_FILES, age_group, build_table, make_label, mask_class_names, run_main  # noqa: E402
+from common import run_main  # noqa: E402
+from dataset import MASK_FILES, age_group, build_table, make_label, mask_class_names  # noqa: E402
+from runs import KIT_VERSION  # noqa: E402
 from label_issues import class_thresholds, find_label_issues, main, write_label_issues  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
@@ -89,7 +91,7 @@ def noisy_run(tmp_path):
     for fold, rows in oof.groupby("fold"):
         (run_dir / f"fold{fold}").mkdir(parents=True)
         rows.to_csv(run_dir / f"fold{fold}" / "oof.csv", index=False)
-    config = {"classes": classes, "layout": "mask", "data_dir": str(SAMPLE)}
+    config = {"classes": classes, "layout": "mask", "data_dir": str(SAMPLE), "kit_version": KIT_VERSION}
     (run_dir / "config.json").write_text(json.dumps(config))
     return run_dir, set(table["path"].iloc[flipped]), dict(zip(table["path"], true_labels))
 

@@ -7,7 +7,8 @@ import timm
 import torch
 from PIL import Image
 
-from dataset import UserError, build_transform, load_image  # noqa: E402
+from common import UserError  # noqa: E402
+from dataset import build_transform, load_image  # noqa: E402
 from model import create_model, data_config, load_checkpoint, param_groups, to_probs  # noqa: E402
 
 LITE0 = Path(__file__).resolve().parents[2] / "shared/weights/tf_efficientnet_lite0.in1k.pth"

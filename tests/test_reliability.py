@@ -2,7 +2,7 @@
 submission is never written, and every user mistake ends in one 'error: ...' line, a non-zero exit
 and no half-written file.
 
-The mistakes run a script's main() in this process through dataset.run_main, the same code that
+The mistakes run a script's main() in this process through common.run_main, the same code that
 `python train.py ...` runs, so the table below does not pay a torch import per case; the kill/resume,
 dataset.py --verify and inference bad-image tests run the real scripts in subprocesses.
 """
@@ -22,10 +22,12 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+import common  # noqa: E402
 import dataset  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
-from dataset import UserError, mask_class_names, run_main  # noqa: E402
+from common import UserError, run_main  # noqa: E402
+from dataset import mask_class_names  # noqa: E402
 from model import create_model  # noqa: E402
 
 SAMPLE = ROOT / "sample"
@@ -165,7 +167,7 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        dataset.atomic_write(target, crash)
+        common.atomic_write(target, crash)
     assert target.read_text() == "good\n" and [p.name for p in tmp_path.iterdir()] == ["output.csv"]
 
 

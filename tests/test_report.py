@@ -12,8 +12,9 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
-from dataset import GENDERS, MASK_NAMES, mask_class_names, run_main  # noqa: E402
-from report import (REPORT_PNGS, collect_oof, head_class_names, main, per_class_table,  # noqa: E402
+from common import run_main  # noqa: E402
+from dataset import GENDERS, MASK_NAMES, head_value_names, mask_class_names  # noqa: E402
+from report import (REPORT_PNGS, collect_oof, main, per_class_table,  # noqa: E402
                     save_confusion_png, worst_predictions, write_report)
 
 
@@ -77,8 +78,8 @@ def test_learning_curves_read_every_fold_and_epoch(tiny_run):
 
 
 def test_head_names_come_from_the_class_names():
-    assert head_class_names(mask_class_names()) == [list(MASK_NAMES), list(GENDERS), ["<30", "30-59", ">=60"]]
-    assert head_class_names(mask_class_names((20, 40)))[2] == ["<20", "20-39", ">=40"]
+    assert head_value_names(mask_class_names()) == [list(MASK_NAMES), list(GENDERS), ["<30", "30-59", ">=60"]]
+    assert head_value_names(mask_class_names((20, 40)))[2] == ["<20", "20-39", ">=40"]
 
 
 def test_missing_run_folder_is_one_line_error(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 uncached path gives and re-reads a changed image; the --freeze_backbone feature path writes a run folder
 that inference reproduces; bench.py prints every row and the table timing.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -17,13 +18,13 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import bench  # noqa: E402
-import dataset  # noqa: E402
+import speed  # noqa: E402
 import train  # noqa: E402
-from dataset import (ImageDataset, build_table, build_transform, cached_image, load_image,  # noqa: E402
-                     resizes_first)
+from dataset import ImageDataset, build_table, build_transform, load_image, resizes_first  # noqa: E402
 import inference  # noqa: E402
 from inference import load_run  # noqa: E402
-from model import predict_probs  # noqa: E402
+from model import create_model, predict_probs  # noqa: E402
+from speed import cached_image  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 SIZE = (3, 40, 32)
@@ -41,6 +42,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 def sample_files(count=24):
     table, *_ = build_table(SAMPLE, folds=2)
     return [str(SAMPLE / p) for p in table["path"][:count]], table["label"][:count].to_numpy()
+
+
+def settings(argv, tmp_path, **known):
+    """train.py's settings for argv, with what a run adds to them (input size, run folder) filled in."""
+    return argparse.Namespace(**{**vars(train.parse_args(TINY + argv)), "input_size": [3, 64, 48],
+                                 "interpolation": "bilinear", "run_dir": str(tmp_path / "run"), **known})
 
 
 def epoch_of(dataset, seed):
@@ -96,13 +103,11 @@ def test_cache_modes_and_workers_give_the_loader_the_same_batches(tmp_path):
     persistent workers that ran epoch 0 before give what a fresh loader (as after --resume) gives."""
     table, classes, _, layout = build_table(SAMPLE, folds=2)
     rows = table.head(40)
-    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "classes": classes,
-              "run_dir": str(tmp_path / "run")}
 
     def loader(cache, workers, augmentation="flip"):
-        args = train.parse_args(TINY + ["--cache", cache, "--cache_dir", str(tmp_path / "disk"),
-                                        "--num_workers", str(workers), "--augmentation", augmentation])
-        return train.make_loader(rows, args, config, True)
+        cfg = settings(["--cache", cache, "--cache_dir", str(tmp_path / "disk"), "--num_workers", str(workers),
+                        "--augmentation", augmentation], tmp_path, classes=classes)
+        return train.make_loader(rows, cfg, True)
     batches = {(cache, workers): epochs_of(loader(cache, workers), range(2))  # epoch 1 reads what 0 cached
                for cache, workers in (("none", 0), ("memory", 2), ("disk", 2), ("auto", 0))}
     expected = batches["none", 0]
@@ -121,13 +126,13 @@ def test_defaults_are_the_fast_path_for_the_device(monkeypatch):
     args = train.parse_args(["--data_dir", str(SAMPLE)])
     assert args.num_workers == -1 and args.cache == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.loader_workers(args) == 0
+    assert speed.loader_workers(args) == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    assert train.loader_workers(args) == 8
+    assert speed.loader_workers(args) == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: 8 processes share the 32 cores
-    assert train.loader_workers(args) == 3
-    assert train.loader_workers(train.parse_args(["--num_workers", "5"])) == 5
+    assert speed.loader_workers(args) == 3
+    assert speed.loader_workers(train.parse_args(["--num_workers", "5"])) == 5
 
 
 def test_predict_probs_reads_each_image_once_for_every_model_and_view():
@@ -137,7 +142,7 @@ def test_predict_probs_reads_each_image_once_for_every_model_and_view():
     dataset = ImageDataset(files, None, build_transform("base", SIZE, train=False), draft_size=(32, 40),
                            read=lambda path, draft, box: reads.append(path) or load_image(path, draft, box))
     torch.manual_seed(0)
-    models = [train.create_model("test_resnet", 18, pretrained=False) for _ in range(3)]
+    models = [create_model("test_resnet", 18, pretrained=False) for _ in range(3)]
     probs, rows = predict_probs(models, torch.utils.data.DataLoader(dataset, 4), "single", torch.device("cpu"),
                                 "off", True, tta=True)
     assert sorted(reads) == sorted(files) and rows.tolist() == list(range(10))
@@ -190,16 +195,15 @@ def test_inference_halves_a_batch_the_gpu_cannot_hold(tiny_run_dir, tmp_path, mo
 
 
 def test_image_reader_picks_the_cache_folder(tmp_path):
-    args = train.parse_args(TINY + ["--cache", "disk", "--cache_dir", str(tmp_path / "kept")])
-    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "run_dir": str(tmp_path / "run")}
-    reader = train.image_reader(args, config, 10, True)
+    cfg = settings(["--cache", "disk", "--cache_dir", str(tmp_path / "kept")], tmp_path)
+    reader = speed.image_reader(cfg, 10, True)
     assert reader.func is cached_image and reader.args == (str(tmp_path / "kept"), (64, 48), "bilinear")
-    args.cache = "auto"
-    assert train.image_reader(args, config, 10, False) is load_image  # strong augmentation: exact without
-    assert train.image_reader(args, config, 10**9, True) is load_image  # 9 TB of pixels do not fit
-    memory = train.image_reader(args, config, 10, True).args[0]
-    assert "kit-image-cache-" in memory and memory != train.image_reader(
-        args, {**config, "run_dir": str(tmp_path / "other")}, 10, True).args[0]
+    cfg.cache = "auto"
+    assert speed.image_reader(cfg, 10, False) is load_image  # strong augmentation: exact without
+    assert speed.image_reader(cfg, 10**9, True) is load_image  # 9 TB of pixels do not fit
+    memory = speed.image_reader(cfg, 10, True).args[0]
+    assert "kit-image-cache-" in memory and memory != speed.image_reader(
+        argparse.Namespace(**{**vars(cfg), "run_dir": str(tmp_path / "other")}), 10, True).args[0]
 
 
 # ---- --freeze_backbone on stored features --------------------------------------------------------------
@@ -224,7 +228,7 @@ def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(pro
     assert len(log) == 2 * 8 and log["train_loss"].notna().all()
     config = json.loads((probe_run / "config.json").read_text())
     assert config["feature_cache"] is True and config["cache"] == "auto"
-    memory = train.image_reader(train.parse_args(TINY + ["--cache", "auto"]), config, 420, True)  # sample fits
+    memory = speed.image_reader(argparse.Namespace(**config), 420, True)  # sample fits
     assert memory.func is cached_image  # the run's folder again, made anew: the run's images were removed
     assert [p.name for p in Path(memory.args[0]).iterdir()] == ["owner.pid"]
 
@@ -237,17 +241,16 @@ def test_run_start_fills_the_cache_and_leaves_bad_images_to_the_loader(tmp_path,
         (data_dir / path).parent.mkdir(parents=True, exist_ok=True)
         (data_dir / path).write_bytes((SAMPLE / path).read_bytes())
     (data_dir / table["path"][3]).write_bytes(b"")  # unreadable: the fill skips it, the loader would name it
-    args = train.parse_args(TINY + ["--data_dir", str(data_dir), "--cache", "memory"])
-    config = {"input_size": [3, 64, 48], "interpolation": "bilinear", "run_dir": str(tmp_path / "run")}
+    cfg = settings(["--data_dir", str(data_dir), "--cache", "memory"], tmp_path)
     files = [str(data_dir / p) for p in table["path"] if p != table["path"][3]]
     expected = [cached_image(str(tmp_path / "reference"), (64, 48), "bilinear", f, (48, 64)) for f in files]
-    train.warm_cache(table, args, config, 0, 1)
-    read = train.image_reader(args, config, len(table), True)
+    speed.warm_cache(table, cfg)
+    read = speed.image_reader(cfg, len(table), True)
     assert len(list(Path(read.args[0]).glob("*.u8"))) == len(files)
 
     def no_decoding(*args):
         raise AssertionError("decoded again")
-    monkeypatch.setattr(dataset, "load_image", no_decoding)  # what cached_image calls on a miss
+    monkeypatch.setattr(speed, "load_image", no_decoding)  # what cached_image calls on a miss
     assert all(torch.equal(read(f, (48, 64), None), e) for f, e in zip(files, expected))
 
 
@@ -260,7 +263,7 @@ def test_memory_caches_of_killed_runs_are_removed(tmp_path):
         (tmp_path / f"kit-image-cache-{name}" / "x.u8").write_bytes(b"pixels")
         if pid:
             (tmp_path / f"kit-image-cache-{name}" / "owner.pid").write_text(pid)
-    train.remove_abandoned_caches(tmp_path)
+    speed.remove_abandoned_caches(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kit-image-cache-running", "kit-image-cache-unmarked"]
 
 
@@ -279,7 +282,7 @@ def test_feature_path_checkpoint_predicts_its_own_oof_and_keeps_the_backbone(pro
     last = torch.load(probe_run / "fold0" / "last.pth", weights_only=False)["model"]
     best = torch.load(probe_run / "fold0" / "best.pth", weights_only=False)["model"]
     train.seed_everything(42 + 0)  # the fold's initialisation, as train_fold makes it
-    start = train.create_model(config["model"], 18, pretrained=True, weights=config["weights"],
+    start = create_model(config["model"], 18, pretrained=True, weights=config["weights"],
                                input_size=size)
     head = {"backbone." + k for k in start.backbone.get_classifier().state_dict(prefix=start.backbone.
                                                                                 default_cfg["classifier"] + ".")}
@@ -298,17 +301,17 @@ def test_feature_path_probe_of_pretrained_weights_learns(probe_run):
 def test_feature_path_runs_the_backbone_once_per_image_for_every_fold(monkeypatch, tmp_path):
     """Two folds of one pretrained backbone: each image (and its mirror) goes through it once."""
     calls = []
-    real = train.classifier_inputs
-    monkeypatch.setattr(train, "classifier_inputs", lambda model, rows, *a: calls.append(len(rows)) or real(
-        model, rows, *a))
+    real = speed.classifier_inputs
+    monkeypatch.setattr(speed, "classifier_inputs", lambda model, loader, *a: calls.append(len(loader.dataset)) or real(
+        model, loader, *a))
     monkeypatch.setattr(train, "seed_everything", lambda seed: torch.manual_seed(0))  # same init every fold
     monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--epochs", "1", "--freeze_backbone", "--model_dir",
                                       str(tmp_path), "--name", "memo"])
-    train.FEATURE_MEMO.clear()
+    speed.FEATURE_MEMO.clear()
     train.main()
     assert calls == [420]  # fold 0 stored all 420 images; fold 1 found them stored
     assert (tmp_path / "memo" / "fold1" / "oof.csv").is_file()
-    train.FEATURE_MEMO.clear()
+    speed.FEATURE_MEMO.clear()
 
 
 # ---- bench.py (run in this process: a subprocess would spend most of its time importing torch) -----------

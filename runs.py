@@ -1,0 +1,194 @@
+"""The run folder, written by train.py and read by everything after it (see DESIGN.md's contract).
+
+    config = read_config("model/exp")        # config.json, checked for the kit version, one-line errors
+    save_checkpoint(path, model, config, {})  # weights + config in one atomic write
+    start_run(run_dir, config, table, bad)    # config.json, folds.csv, bad_images.csv of a new run
+    save_epoch(...), resume_fold(...)         # a fold's best/last checkpoints; an interrupted fold's state
+    finish_fold(run_dir, fold, log)          # log.csv, TensorBoard, fold{i}/oof.csv (marks the fold finished)
+    finish_run(run_dir, config)              # oof.csv, metrics.json, report.html of the finished folds
+
+model_dir/NAME/: config.json, folds.csv, fold{i}/{best,last}.pth, fold{i}/oof.csv (marks the fold finished),
+oof.csv, metrics.json, log.csv, tb/ (TensorBoard), report.html and its PNGs, bad_images.csv.
+"""
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common import UserError, atomic_write
+
+KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
+IDENTITY = ("model", "head", "classes")  # what a checkpoint must share with its run's config.json
+
+
+def read_config(run_dir, fix="--model_dir takes a run folder made by train.py"):
+    """config.json of a run folder, made by this kit version; one line for a missing, corrupt or foreign file."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {fix}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is not readable JSON ({type(err).__name__}): the run folder is damaged; "
+                        "train it again or restore the file") from None
+    if not isinstance(config, dict) or "classes" not in config:
+        raise UserError(f"{path} is not a train.py config (no classes): {fix}")
+    if config.get("kit_version") != KIT_VERSION:
+        raise UserError(f"{run_dir} was made by kit version {config.get('kit_version')}, this is {KIT_VERSION}: "
+                        "train it again with this kit")
+    return config
+
+
+def write_json(path, data):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str), encoding="utf-8"))
+
+
+def library_versions():
+    import timm  # imported here: only the config needs their versions
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "pandas": pd.__version__, "numpy": np.__version__}
+
+
+def make_config(settings, classes, layout, model_config, run_dir):
+    """Everything a later step needs, so inference never asks again (plain JSON types only, so checkpoints
+    load with torch.load(weights_only=True)): the settings, classes, layout and the model's input."""
+    return json.loads(json.dumps({**settings, "run_dir": str(run_dir), "classes": classes, "layout": layout,
+                                  "input_size": model_config["input_size"], "mean": model_config["mean"],
+                                  "std": model_config["std"], "interpolation": model_config["interpolation"],
+                                  "kit_version": KIT_VERSION, "versions": library_versions()}, default=str))
+
+
+def increment_path(path):
+    """model/exp -> model/exp2, exp3, ... when taken (the baseline's run-folder naming)."""
+    path = Path(path)
+    if not path.exists():
+        return path
+    taken = [int(m.group(1) or 1) for d in path.parent.glob(f"{path.name}*")
+             if (m := re.fullmatch(re.escape(path.name) + r"(\d*)", d.name))]
+    return path.with_name(f"{path.name}{max(taken, default=1) + 1}")
+
+
+def start_run(run_dir, config, table, bad):
+    """config.json, folds.csv and bad_images.csv of a new run folder."""
+    write_json(Path(run_dir) / "config.json", config)
+    atomic_write(Path(run_dir) / "folds.csv", lambda tmp: table.to_csv(tmp, index=False))
+    if bad:
+        atomic_write(Path(run_dir) / "bad_images.csv",
+                     lambda tmp: pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp, index=False))
+
+
+def read_folds(run_dir):
+    """folds.csv: the table a run trained on."""
+    return pd.read_csv(Path(run_dir) / "folds.csv", dtype={"profile": str}, keep_default_na=False)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+def save_checkpoint(path, model, config, extra):
+    """Weights + config (+ resume state) in one atomic write."""
+    import torch
+    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config, **extra}, tmp))
+
+
+def check_same_run(saved, config, path, fix):
+    """A checkpoint's config must name the run's model, head and classes: else it comes from another run."""
+    for key in IDENTITY:
+        if saved.get(key) != config[key]:
+            raise UserError(f"{path} has {key}={saved.get(key)!r} but the run's config.json says {config[key]!r}: "
+                            f"it comes from another run; {fix}")
+
+
+def load_last(path, config):
+    """A fold's last.pth (weights and resume state) checked against the run's config."""
+    from model import load_torch_file  # imported here: torch only when a fold resumes
+    state = load_torch_file(path, "checkpoint", "delete it to retrain the fold", weights_only=False)
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise UserError(f"{path} holds no resume state: delete it to retrain the fold")
+    check_same_run(state.get("config", {}), config, path, "delete it to retrain the fold")
+    return state
+
+
+def save_epoch(fold_dir, t, eval_model, fold_cfg, progress, best):
+    """last.pth (weights + resume state) every epoch; best.pth and best_oof.csv when validation improved."""
+    epoch, best_f1, stale, log = progress
+    if best is not None:
+        save_checkpoint(fold_dir / "best.pth", eval_model, {**fold_cfg, "epoch": epoch + 1, "val_f1": log[-1]["val_f1"]},
+                        {})
+        write_oof(fold_dir / "best_oof.csv", *best)
+    save_checkpoint(fold_dir / "last.pth", t.model, fold_cfg, {
+        "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict() if t.scheduler else None,
+        "scaler": t.scaler.state_dict(), "ema": t.ema.state_dict() if t.ema else None, "epoch": epoch,
+        "best_f1": best_f1, "stale": stale, "log": log})
+
+
+def resume_fold(path, t, config, rank):
+    """(next epoch, best F1, stale epochs, log rows): from last.pth when the fold was interrupted, loaded into
+    the fold's objects. A new --epochs keeps the fresh schedule (timm's lr is a function of the step)."""
+    if not path.is_file():
+        return 0, -1.0, 0, []
+    state = load_last(path, config)
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    if t.scheduler is not None and state["config"].get("epochs") == config["epochs"]:
+        t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None:
+        t.ema.load_state_dict(state["ema"])
+    if rank == 0:
+        print(f"fold {state['config'].get('fold')}: resuming at epoch {state['epoch'] + 2}")
+    return state["epoch"] + 1, state["best_f1"], state["stale"], state["log"]
+
+
+# ---- per-fold outputs -----------------------------------------------------------------------------
+def fold_finished(run_dir, fold):
+    return (Path(run_dir) / f"fold{fold}" / "oof.csv").is_file()
+
+
+def finish_fold(run_dir, fold, log):
+    """log.csv and TensorBoard rows of the fold, then its best OOF becomes fold{i}/oof.csv: the fold is done."""
+    write_log(run_dir, log)
+    fold_dir = Path(run_dir) / f"fold{fold}"
+    os.replace(fold_dir / "best_oof.csv", fold_dir / "oof.csv")
+
+
+def write_oof(path, rows, probs):
+    """path, profile, fold, label, pred, p0..p{C-1} for each validation image."""
+    oof = rows[["path", "profile", "fold", "label"]].assign(pred=probs.argmax(1))
+    oof = pd.concat([oof.reset_index(drop=True), pd.DataFrame(probs, columns=[f"p{i}" for i in range(
+        probs.shape[1])])], axis=1)
+    atomic_write(path, lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))  # %g keeps tiny probabilities apart
+
+
+def write_log(run_dir, fold_log):
+    """log.csv holds one row per epoch per fold; a fold's rows are replaced when it is retrained."""
+    path = Path(run_dir) / "log.csv"
+    log = pd.DataFrame(fold_log)
+    if path.is_file():
+        old = pd.read_csv(path)
+        log = pd.concat([old[old["fold"] != fold_log[0]["fold"]], log]).sort_values(["fold", "epoch"])
+    atomic_write(path, lambda tmp: log.to_csv(tmp, index=False))
+    tensorboard_log(run_dir, fold_log)
+
+
+def tensorboard_log(run_dir, fold_log):
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+    with SummaryWriter(Path(run_dir) / "tb" / f"fold{fold_log[0]['fold']}") as writer:
+        for row in fold_log:
+            for key in ("train_loss", "train_f1", "val_f1", "val_acc", "lr", "img_s"):
+                writer.add_scalar(key, row[key], row["epoch"])
+
+
+# ---- the end of a run -----------------------------------------------------------------------------
+def finish_run(run_dir, config):
+    """oof.csv, metrics.json (and report.html unless --no-report) of the finished folds; prints the score."""
+    from report import write_report, write_run_metrics  # imported late: matplotlib is slow to import
+    metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
+    if config.get("report", True):
+        write_report(run_dir)
+    print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
+          f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}")
+    return metrics
