@@ -5,6 +5,8 @@
     python bench.py --data_dir data/train --model tf_efficientnet_lite0 --quick
     python bench.py --table                         # table + 5 folds of a 2,700-person mask tree (target < 5 s)
     python bench.py --run --images 18900 --resize 224 --folds 5 --epochs 1   # a whole run: time, peak memory
+    python bench.py --startup                       # a run's fixed cost: start -> first step, last epoch -> exit
+    python bench.py --startup --code_dir /tmp/old   # the same for another checkout, interleaved (A/B)
 
 Rows, each timed with the kit's own functions:
   data            decode + augment alone: train.py's make_loader, its workers, no model (--cache none)
@@ -24,6 +26,7 @@ persist). Generated data is written once under --work_dir and reused.
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +43,7 @@ from torchvision import transforms
 
 import speed
 import train
-from common import atomic_write, run_main
+from common import UserError, atomic_write, run_main
 from dataset import build_table
 from model import amp_dtype, autocast, create_model, predict_probs, to_device
 
@@ -63,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--run", action="store_true", help="only run train.py whole (any train.py arguments) on "
                    "the data, reporting its wall time and peak memory")
     p.add_argument("--people", type=int, default=2700, help="people in the --table tree (7 files each)")
+    p.add_argument("--startup", action="store_true", help="only time a run's fixed cost on the embedded sample: "
+                   "process start -> first training step, last epoch -> exit (resnet18, 128 px, 2 epochs, fold 0)")
+    p.add_argument("--code_dir", default=None, help="with --startup: also time this checkout's train.py")
     args, train_argv = p.parse_known_args(argv)
     if args.quick:  # new defaults: what the command line names still wins
         p.set_defaults(rounds=2, batches=2, images=140)
@@ -341,10 +347,57 @@ def bench_run(bench, train_argv, data_dir):
         f"memory over time {run_dir}.memory.csv")
 
 
+STARTUP_RUN = ["--data_dir", "sample/train", "--model", "resnet18", "--no-pretrained", "--resize", "128",
+               "--epochs", "2", "--fold", "0", "--name", "run"]
+
+
+def timed_run(command, cwd, epochs):
+    """(seconds to the first training step, seconds from the last epoch's line to exit, total) of a train.py
+    run: its output is read as it comes, the first progress bar marks the first step."""
+    start, first_step, last_epoch = time.perf_counter(), None, None
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = b""
+    while chunk := os.read(process.stdout.fileno(), 65536):
+        seen += chunk
+        if first_step is None and b"epoch 1/" in seen:
+            first_step = time.perf_counter() - start
+        if last_epoch is None and f"epoch={epochs} ".encode() in seen:
+            last_epoch = time.perf_counter() - start
+    process.wait()
+    total = time.perf_counter() - start
+    if process.returncode or first_step is None or last_epoch is None:
+        raise UserError(f"{' '.join(command)} failed: {seen.decode(errors='replace')[-500:]}")
+    return first_step, total - last_epoch, total
+
+
+def bench_startup(bench, train_argv):
+    """A run's fixed cost (imports, table, image check, model, cache fill, report, TensorBoard) beside its
+    training time, median of --rounds runs; with --code_dir the other checkout runs in the same rounds."""
+    checkouts = {"this": Path(__file__).resolve().parent}
+    if bench.code_dir:
+        checkouts["code_dir"] = Path(bench.code_dir).resolve()
+    times = {name: [] for name in checkouts}
+    for round_index in range(bench.rounds):
+        for name, code in checkouts.items():
+            out = Path(bench.work_dir) / "startup" / f"{name}{round_index}"
+            shutil.rmtree(out, ignore_errors=True)
+            times[name].append(timed_run([sys.executable, "train.py", *STARTUP_RUN, *train_argv, "--model_dir",
+                                          str(out)], code, 2))
+    print(f"{'seconds (median of ' + str(bench.rounds) + ')':<24}{'to first step':>15}{'after last epoch':>18}"
+          f"{'fixed cost':>12}{'whole run':>11}")
+    for name, rows in times.items():
+        before, after, total = (statistics.median(r[i] for r in rows) for i in range(3))
+        print(f"{name + ' (' + str(checkouts[name]) + ')':<24}{before:>15.1f}{after:>18.1f}{before + after:>12.1f}"
+              f"{total:>11.1f}")
+
+
 def main():
     bench, train_argv = parse_args()
     if bench.table:
         return bench_table(bench)
+    if bench.startup:
+        return bench_startup(bench, train_argv)
     data_dir = bench.data_dir or write_mask_tree(Path(bench.work_dir) / f"photos_{bench.images}",
                                                  -(-bench.images // 7), photo_writer())
     if bench.run:

@@ -1,0 +1,101 @@
+"""train.py's recipe through its documented functions: the schedule under --accum_steps, what --resume
+applies or refuses, mixup's even batches, a frozen backbone's BatchNorm, and --config values held to the
+command line's rules."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+import train  # noqa: E402
+from common import UserError  # noqa: E402
+
+SAMPLE = ROOT / "sample" / "train"
+TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
+        "--num_workers", "0", "--no-report", "--lr", "5e-3"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def lr_by_epoch(tmp_path, name, *args):
+    """The lr at the end of each epoch of fold 0 (4 epochs)."""
+    train.main([*TINY, "--epochs", "4", "--fold", "0", "--model_dir", str(tmp_path), "--name", name, *map(str, args)])
+    return pd.read_csv(tmp_path / name / "log.csv")["lr"].tolist()
+
+
+def test_accumulated_batches_follow_the_same_schedule(tmp_path):
+    """16 images x 2 accumulated batches step the optimizer as often as 32 x 1, so warm-up and cosine end at
+    the same epochs (the schedule once ran accum_steps times too fast)."""
+    whole = lr_by_epoch(tmp_path, "b32", "--batch_size", 32)
+    accumulated = lr_by_epoch(tmp_path, "b16x2", "--batch_size", 16, "--accum_steps", 2)
+    assert whole[0] > 0.003 and whole[-1] < 1e-4  # warmed up by epoch 1, decayed by epoch 4
+    for a, b in zip(whole, accumulated):
+        assert abs(a - b) <= 0.1 * a, (whole, accumulated)
+
+
+def test_resume_applies_the_safe_flags_and_refuses_the_others(tmp_path):
+    train.main([*TINY, "--epochs", "2", "--folds", "2", "--fold", "0", "--batch_size", "32", "--model_dir",
+                str(tmp_path), "--name", "run"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserError, match="--lr, --model cannot change"):
+        train.main(["--resume", str(run_dir), "--lr", "0.1", "--model", "resnet18"])
+    train.main(["--resume", str(run_dir), "--fold", "1", "--epochs", "3", "--num_workers", "0"])
+    log = pd.read_csv(run_dir / "log.csv")
+    assert log.groupby("fold")["epoch"].max().to_dict() == {0: 2, 1: 3}
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2  # the run's own record is kept
+
+
+def test_mixup_needs_an_even_batch(tmp_path):
+    with pytest.raises(UserError, match="even --batch_size, not 31"):
+        train.parse_args([*TINY, "--mixup", "0.2", "--batch_size", "31"])
+    assert train.parse_args([*TINY, "--mixup", "0.2", "--batch_size", "32"]).batch_size == 32
+
+
+def test_frozen_backbone_keeps_its_batchnorm_statistics_on_the_image_path(tmp_path):
+    """--freeze_backbone without the feature cache trains the head on images; BatchNorm keeps what it loaded."""
+    args = train.parse_args([*TINY, "--freeze_backbone", "--no-feature_cache", "--batch_size", "16", "--augmentation",
+                             "strong"])
+    cfg, table, _ = train.run_settings(args, tmp_path / "run")
+    rows = table.head(48)
+    loader = train.make_loader(rows, cfg, True)
+    fold = train.build_fold(cfg, rows, len(loader), torch.device("cpu"))
+    before = {k: v.clone() for k, v in fold.model.state_dict().items()}
+    loader.sampler.set_epoch(1, 0)
+    train.train_one_epoch(fold, loader, cfg, torch.device("cpu"), 0, show=False)
+    after = fold.model.state_dict()
+    head = {"backbone." + k for k in fold.model.backbone.get_classifier().state_dict(prefix="fc.")}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in head)  # running stats too
+    assert any(not torch.equal(before[k], after[k]) for k in head)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ("resize: 64x\n", "resize: '64x' is not what --resize takes"),
+    ("epochs: 0\n", "epochs: 0 is not what --epochs takes (0 must be >= 1)"),
+    ("amp: fast\n", "amp: 'fast' is not one of auto, bf16, fp16, off"),
+    ("ema: 'yes'\n", "ema: 'yes' must be true or false"),
+    ("epochs: [1, 2\n", "is not readable YAML/JSON"),
+])
+def test_config_values_are_checked_like_the_command_line(tmp_path, settings, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(settings)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        train.parse_args([*TINY, "--config", str(path)])
+
+
+def test_config_value_of_the_right_type_is_taken(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text("resize: 96\nepochs: 3\nema: true\nlr: 1e-3\n")
+    args = train.parse_args(["--config", str(path), "--epochs", "5"])
+    assert (args.resize, args.epochs, args.ema, args.lr) == ([96], 5, True, 1e-3)
+
+
+def test_out_of_range_numbers_are_one_line_before_anything_is_read(tmp_path):
+    for flag, value in (("--epochs", "0"), ("--folds", "0"), ("--lr", "-1"), ("--batch_size", "0")):
+        result = subprocess.run([sys.executable, "train.py", *TINY, flag, value, "--model_dir", str(tmp_path)],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
