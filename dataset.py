@@ -73,6 +73,17 @@ def head_value_names(classes):
              for value in range(size)] for h, size in enumerate(HEAD_SIZES)]
 
 
+def training_labels(rows, train_age_bounds=None):
+    """The labels a model trains on: the table's, or with train_age_bounds the mask layout's labels with other
+    age-group edges (e.g. 30 58: people of 58-59 look 60, so the rare old class gets more examples), while
+    OOF scores, reports and submissions keep the table's. Rows without an age (pseudo-labels) keep theirs."""
+    if not train_age_bounds:
+        return rows["label"].to_numpy()
+    mask, gender, age = (pd.to_numeric(rows[c], errors="coerce").to_numpy(float) for c in ("mask", "gender", "age"))
+    shifted = make_label(mask, gender, age_group(age, train_age_bounds))
+    return np.where(np.isnan(age), rows["label"].to_numpy(), np.nan_to_num(shifted)).astype(int)
+
+
 def mask_class_names(bounds=AGE_BOUNDS):
     ages = (f"<{bounds[0]}", f"{bounds[0]}-{bounds[1] - 1}", f">={bounds[1]}")
     return [f"{m}/{g}/{a}" for m in MASK_NAMES for g in GENDERS for a in ages]
@@ -368,6 +379,28 @@ def read_test_table(data_dir, submission=None):
     return frame, [str(f) for f in files], Path(submission)
 
 
+PSEUDO_FOLD = -2  # pseudo-labelled test images: in every fold's training set, never validated
+
+
+def read_pseudo_labels(probs_csv, test_dir, classes, threshold):
+    """Test images whose predicted class (inference.py's probs.csv: id, p0..p{C-1}) is at least threshold
+    probable, as table rows (absolute path, label = that class, fold PSEUDO_FOLD) with their confidence."""
+    probs = read_csv_checked(probs_csv, [f"p{i}" for i in range(len(classes))],
+                             fix=f"pass a probs.csv written by inference.py for these {len(classes)} classes")
+    frame, files, _ = read_test_table(test_dir)
+    ids, expected = probs.iloc[:, 0].tolist(), frame.iloc[:, 0].astype(str).tolist()
+    if sorted(ids) != sorted(expected) or len(probs.columns) != len(classes) + 1:
+        differ = sorted(set(ids) ^ set(expected))[:1] or ["its columns"]
+        raise UserError(f"{probs_csv} does not match the test images of {test_dir} ({len(ids)} rows vs "
+                        f"{len(expected)}, first difference: {differ[0]}): pass the probs.csv predicted for "
+                        "--pseudo_dir, with this run's classes")
+    values = probs.set_index(probs.columns[0]).loc[expected].to_numpy(float)
+    confident = values.max(1) >= threshold
+    return pd.DataFrame({"path": [str(Path(f).resolve()) for f in np.array(files)[confident]], "profile": "",
+                         "mask": pd.NA, "gender": pd.NA, "age": pd.NA, "label": values[confident].argmax(1),
+                         "fold": PSEUDO_FOLD, "confidence": values[confident].max(1)})
+
+
 # ---- images ------------------------------------------------------------------------------------
 def load_image(path, draft_size=None, box=None):
     """RGB PIL image with EXIF orientation applied; JPEGs decode at reduced size when draft_size
@@ -485,11 +518,21 @@ def add_data_args(parser):
     parser.add_argument("--path_col", default="path", help="image path column/field (csv, json)")
     parser.add_argument("--label_col", default="label", help="label column/field (csv, json)")
     parser.add_argument("--group_col", default=None, help="group column kept in one fold (csv, json)")
-    parser.add_argument("--age_bounds", type=in_range(int, 1), nargs=2, default=list(AGE_BOUNDS), help="age group edges")
+    parser.add_argument("--age_bounds", type=in_range(int, 1), nargs=2, default=list(AGE_BOUNDS),
+                        help="age group edges of the labels (the competition's rule)")
+    parser.add_argument("--train_age_bounds", type=in_range(int, 1), nargs=2, default=None,
+                        help="mask layout: train on other age-group edges (e.g. 30 58); OOF, reports and the "
+                             "submission stay on --age_bounds")
     parser.add_argument("--folds", type=in_range(int, 1), default=5, help="K folds; 1 = one grouped holdout")
     parser.add_argument("--val_ratio", type=in_range(float, 0, 1, True, True), default=0.2, help="holdout share when --folds 1")
     parser.add_argument("--split", default="group", choices=["group", "random"],
                         help="group keeps each person in one fold; random leaks (for comparison only)")
+    parser.add_argument("--pseudo_labels", default=None, help="probs.csv from inference.py: test images predicted "
+                        "with at least --pseudo_threshold join every fold's training set (never validation)")
+    parser.add_argument("--pseudo_dir", default=os.environ.get("SM_CHANNEL_EVAL", "sample/eval"),
+                        help="the test folder (info.csv) that --pseudo_labels was predicted for")
+    parser.add_argument("--pseudo_threshold", type=in_range(float, 0, 1, low_open=True), default=0.9,
+                        help="least predicted probability of a pseudo-label")
     parser.add_argument("--drop_list", default=None, help="CSV of images to leave out (path or profile)")
     parser.add_argument("--relabel_list", default=None, help="CSV of corrections (path|profile[,image],field,value)")
 

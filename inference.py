@@ -139,8 +139,8 @@ def write_outputs(output_dir, template, config, probs, submission=None):
     return frame
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runs = load_ensemble(args.model_dir, args.folds, args.checkpoint, device)
     template, files, submission_path = read_test_table(args.data_dir, args.submission)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from common import UserError, atomic_write
+from dataset import PSEUDO_FOLD
 
 KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
 IDENTITY = ("model", "head", "classes")  # what a checkpoint must share with its run's config.json
@@ -74,9 +75,14 @@ def increment_path(path):
 
 
 def start_run(run_dir, config, table, bad):
-    """config.json, folds.csv and bad_images.csv of a new run folder."""
+    """config.json, folds.csv, bad_images.csv and pseudo_labels.csv (test images trained on) of a new run."""
     write_json(Path(run_dir) / "config.json", config)
     atomic_write(Path(run_dir) / "folds.csv", lambda tmp: table.to_csv(tmp, index=False))
+    pseudo = table[table["fold"] == PSEUDO_FOLD]
+    if len(pseudo):
+        atomic_write(Path(run_dir) / "pseudo_labels.csv",
+                     lambda tmp: pseudo[["path", "label"]].assign(name=[config["classes"][i] for i in pseudo["label"]]
+                                                                  ).to_csv(tmp, index=False))
     if bad:
         atomic_write(Path(run_dir) / "bad_images.csv",
                      lambda tmp: pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp, index=False))

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 from timm.data import Mixup
@@ -35,7 +36,7 @@ import runs
 import speed
 from common import KitParser, UserError, given_names, in_range, lookup, read_settings_file, run_main
 from dataset import (ImageDataset, add_data_args, build_transform, find_bad_images, read_boxes, resizes_first,
-                     summarize, table_from_args)
+                     read_pseudo_labels, summarize, table_from_args, training_labels)
 from distributed import finish_distributed, from_rank0, gather_predictions, launch_fold_per_device, setup_distributed
 from loss import create_criterion
 from model import (amp_dtype, autocast, check_input_size, create_model, data_config, param_groups, predict_probs,
@@ -66,7 +67,9 @@ def build_parser():
     model.add_argument("--model", default="tf_efficientnet_lite0", help="any timm.list_models() name")
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet weights")
     model.add_argument("--weights", default=None, help="local weight file (offline); implies pretrained")
-    model.add_argument("--head", default="single", help="single (C-way) or multi (mask 3 + gender 2 + age 3)")
+    model.add_argument("--head", default="auto", choices=["auto", "single", "multi"],
+                       help="single (C-way), multi (mask 3 + gender 2 + age 3 logits), auto: multi for the mask "
+                            "layout (measured better there), else single")
     model.add_argument("--resize", type=in_range(int, 1), nargs="+", default=None, help="input H [W]; default: the model's")
     model.add_argument("--freeze_backbone", action="store_true", help="train the head only")
     loss = p.add_argument_group("loss")
@@ -143,12 +146,15 @@ def parse_args(argv=None):
 def check_args(cfg, table):
     """Settings that cannot work with this data fail before the run folder is made."""
     lookup(OPTIMIZERS, cfg.optimizer, "optimizer"), lookup(SCHEDULERS, cfg.scheduler, "scheduler")
-    if cfg.head == "multi" and cfg.layout != "mask":
-        raise UserError(f"--head multi needs the mask layout (mask/gender/age), not {cfg.layout}; use --head single")
+    if cfg.layout != "mask" and (cfg.head == "multi" or cfg.train_age_bounds):
+        raise UserError(f"--{'head multi' if cfg.head == 'multi' else 'train_age_bounds'} needs the mask layout "
+                        f"(mask/gender/age), not {cfg.layout}; leave it out")
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise UserError(f"--fold {cfg.fold} is not one of the {cfg.folds} folds (0..{cfg.folds - 1})")
     if cfg.freeze_backbone and cfg.backbone_lr_scale != 1.0:
         raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
+    if cfg.crop and cfg.pseudo_labels:
+        raise UserError("--pseudo_labels with --crop is not supported: the boxes file has no test images")
     if cfg.crop:
         read_boxes(cfg.crop, table["path"], cfg.crop_margin)  # a missing file or box fails now, not in fold 0
     make_criterion(cfg, len(cfg.classes), table["label"])  # a bad --criterion fails before any image is read
@@ -164,12 +170,19 @@ def seed_everything(seed):
 def run_settings(args, run_dir):
     """(settings, table, notes) of a new run: the table, the backbone's input and every check; nothing written."""
     table, classes, notes, layout = table_from_args(args)
+    if args.head == "auto":
+        args = argparse.Namespace(**{**vars(args), "head": "multi" if layout == "mask" else "single"})
     model = create_model(args.model, len(classes), args.head, pretrained=args.pretrained or bool(args.weights),
                          weights=args.weights)
     model_config = data_config(model.backbone, args.resize)
     check_input_size(model, args.model, model_config["input_size"], data_config(model.backbone)["input_size"])
     cfg = argparse.Namespace(**runs.make_config(vars(args), classes, layout, model_config, run_dir))
     check_args(cfg, table)
+    if cfg.pseudo_labels:
+        pseudo = read_pseudo_labels(cfg.pseudo_labels, cfg.pseudo_dir, classes, cfg.pseudo_threshold)
+        notes = notes + [f"pseudo-labels: {len(pseudo)} test images of {cfg.pseudo_dir} join every fold's training "
+                         f"set (predicted with p >= {cfg.pseudo_threshold}; listed in pseudo_labels.csv)"]
+        table = pd.concat([table, pseudo[table.columns]], ignore_index=True)
     return cfg, table, notes
 
 
@@ -205,8 +218,9 @@ def drop_unreadable(table, cfg, rank):
     if bad and not cfg.skip_bad_images:
         raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
                         + " — replace them or pass --skip_bad_images")
-    bad_paths = {os.path.relpath(p, cfg.data_dir) for p, _ in bad}
-    return table[~table["path"].isin(bad_paths)].reset_index(drop=True), bad
+    bad_files = {p for p, _ in bad}
+    keep = [str(Path(cfg.data_dir) / p) not in bad_files for p in table["path"]]
+    return table[keep].reset_index(drop=True), [(os.path.relpath(p, cfg.data_dir), r) for p, r in bad]
 
 
 def main(argv=None):
@@ -254,14 +268,15 @@ def make_loader(rows, cfg, train, rank=0, world=1):
     boxes = read_boxes(cfg.crop, rows["path"], cfg.crop_margin) if cfg.crop else None
     transform = build_transform(cfg.augmentation, cfg.input_size, cfg.interpolation, train=train)
     read = speed.image_reader(cfg, len(rows), resizes_first(transform))
-    dataset = ImageDataset(files, rows["label"].to_numpy(), transform, boxes,
-                           draft_size=(cfg.input_size[2], cfg.input_size[1]), read=read)
+    labels = training_labels(rows, cfg.train_age_bounds) if train else rows["label"].to_numpy()
+    dataset = ImageDataset(files, labels, transform, boxes, draft_size=(cfg.input_size[2], cfg.input_size[1]),
+                           read=read)
     sampler, batch = None, cfg.batch_size if train else cfg.valid_batch_size
     if train and world > 1:
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
     elif train and cfg.sampler == "weighted":
-        counts = np.bincount(rows["label"], minlength=len(cfg.classes))
-        sampler = WeightedRandomSampler(1.0 / counts[rows["label"]], len(rows), generator=torch.Generator())
+        counts = np.bincount(labels, minlength=len(cfg.classes))
+        sampler = WeightedRandomSampler(1.0 / counts[labels], len(rows), generator=torch.Generator())
     elif train:
         sampler = RandomSampler(dataset, generator=torch.Generator())
     elif world > 1:  # each rank scores a strided share; gather_predictions puts them back in order
@@ -322,7 +337,7 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
                                                         else None)
     return Fold(model, net, optimizer, scheduler,
                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16),
-                make_criterion(cfg, len(cfg.classes), train_rows["label"]).to(device),
+                make_criterion(cfg, len(cfg.classes), training_labels(train_rows, cfg.train_age_bounds)).to(device),
                 ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None, mixup, updates_per_epoch,
                 [str(Path(cfg.data_dir) / p) for p in train_rows["path"]])
 

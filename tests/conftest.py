@@ -14,7 +14,7 @@ def tiny_run_dir(tmp_path_factory):
     """A finished 2-fold, 2-epoch test_resnet run at 64x48 on the sample, with its report."""
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     done = subprocess.run([sys.executable, "train.py", "--data_dir", "sample/train", "--model", "test_resnet",
-                           "--no-pretrained", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
+                           "--no-pretrained", "--head", "single", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
                            "--batch_size", "32", "--num_workers", "0", "--model_dir", str(run_dir.parent),
                            "--name", "run"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

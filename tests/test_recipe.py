@@ -11,10 +11,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+import inference  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
+from dataset import build_table, training_labels  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
+EVAL = ROOT / "sample" / "eval"
 TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
         "--num_workers", "0", "--no-report", "--lr", "5e-3"]
 
@@ -99,3 +102,43 @@ def test_out_of_range_numbers_are_one_line_before_anything_is_read(tmp_path):
                                 cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and flag in result.stderr, result.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ---- the top teams' tricks ------------------------------------------------------------------------
+def test_train_age_bounds_move_training_labels_only(tmp_path):
+    """--train_age_bounds 30 58: people of 58-59 train as old; OOF and folds.csv keep the competition's labels."""
+    table = build_table(SAMPLE, folds=2)[0]
+    shifted = training_labels(table, (30, 58))
+    moved = table["age"].isin([58, 59]).to_numpy()
+    assert moved.any() and (shifted[moved] == table["label"].to_numpy()[moved] + 1).all()
+    assert (shifted[~moved] == table["label"].to_numpy()[~moved]).all()
+    train.main([*TINY, "--epochs", "1", "--folds", "2", "--fold", "0", "--batch_size", "32", "--train_age_bounds",
+                "30", "58", "--model_dir", str(tmp_path), "--name", "old58"])
+    oof, folds = (pd.read_csv(tmp_path / "old58" / name) for name in ("oof.csv", "folds.csv"))
+    assert oof["label"].tolist() == folds.set_index("path").loc[oof["path"], "label"].tolist()
+    assert json.loads((tmp_path / "old58" / "config.json").read_text())["classes"][2].endswith(">=60")
+
+
+def test_pseudo_labels_join_training_never_validation(tiny_run_dir, tmp_path):
+    """Confident test predictions train every fold; OOF still holds only the training images."""
+    inference.main(["--data_dir", str(EVAL), "--model_dir", str(tiny_run_dir), "--output_dir", str(tmp_path / "sub"),
+                    "--num_workers", "0"])
+    probs = pd.read_csv(tmp_path / "sub" / "probs.csv")
+    confidence = probs.filter(like="p").max(1)
+    threshold = float(confidence.median())  # a weak tiny model: about half its predictions pass
+    expected = int((confidence >= threshold).sum())
+    assert 0 < expected < len(probs)
+    train.main([*TINY, "--epochs", "1", "--folds", "2", "--batch_size", "32", "--pseudo_labels",
+                str(tmp_path / "sub" / "probs.csv"), "--pseudo_dir", str(EVAL), "--pseudo_threshold", repr(threshold),
+                "--model_dir", str(tmp_path), "--name", "pseudo"])
+    run_dir = tmp_path / "pseudo"
+    used, folds = pd.read_csv(run_dir / "pseudo_labels.csv"), pd.read_csv(run_dir / "folds.csv")
+    assert len(used) == expected and set(used["path"]) == set(folds.loc[folds["fold"] == -2, "path"])
+    assert all(Path(p).parent == EVAL.resolve() / "images" for p in used["path"])
+    assert len(pd.read_csv(run_dir / "oof.csv")) == 420 and not set(used["path"]) & set(pd.read_csv(
+        run_dir / "oof.csv")["path"])
+    probs.iloc[:-1].to_csv(tmp_path / "short.csv", index=False)  # a row lost: not this test folder's file
+    with pytest.raises(UserError, match="short.csv does not match the test images"):
+        train.main([*TINY, "--pseudo_labels", str(tmp_path / "short.csv"), "--pseudo_dir", str(EVAL),
+                    "--model_dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
