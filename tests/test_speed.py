@@ -31,9 +31,6 @@ SIZE = (3, 40, 32)
 TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
         "--batch_size", "32", "--num_workers", "0", "--folds", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: much faster on a shared CPU
-WEIGHTS = ROOT.parents[0] / "shared/weights/tf_efficientnet_lite0.in1k.pth"  # real ImageNet weights, offline
-PROBE = (["--model", "tf_efficientnet_lite0", "--weights", str(WEIGHTS)] if WEIGHTS.is_file() else
-         ["--model", "test_resnet", "--no-pretrained"])  # the feature path is the same; only learning needs weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -208,10 +205,12 @@ def test_image_reader_picks_the_cache_folder(tmp_path):
 
 # ---- --freeze_backbone on stored features --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def probe_run(tmp_path_factory):
-    """A linear probe of the pretrained backbone: 8 epochs of the head on stored features."""
+def probe_run(tmp_path_factory, lite0_path):
+    """A linear probe of the pretrained backbone (real ImageNet weights, offline: conftest.py's lite0_path):
+    8 epochs of the head on stored features."""
     out = tmp_path_factory.mktemp("probe")
-    result = subprocess.run([sys.executable, "train.py", *TINY, *PROBE, "--resize", "128", "96", "--epochs", "8",
+    probe = ["--model", "tf_efficientnet_lite0", "--weights", str(lite0_path)]
+    result = subprocess.run([sys.executable, "train.py", *TINY, *probe, "--resize", "128", "96", "--epochs", "8",
                              "--freeze_backbone", "--cache", "auto",
                              "--lr", "0.01", "--model_dir", str(out), "--name", "probe"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -292,7 +291,6 @@ def test_feature_path_checkpoint_predicts_its_own_oof_and_keeps_the_backbone(pro
     assert head and all(not torch.equal(best[key], start.state_dict()[key]) for key in head if "weight" in key)
 
 
-@pytest.mark.skipif(not WEIGHTS.is_file(), reason="needs shared/weights/tf_efficientnet_lite0.in1k.pth")
 def test_feature_path_probe_of_pretrained_weights_learns(probe_run):
     metrics = json.loads((probe_run / "metrics.json").read_text())
     assert metrics["oof_macro_f1"] > 0.25 and metrics["heads"]["mask"]["macro_f1"] > 0.6, metrics["oof_macro_f1"]
