@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,9 +23,15 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+import app  # noqa: E402
 import common  # noqa: E402
+import crop_faces  # noqa: E402
 import dataset  # noqa: E402
+import export  # noqa: E402
+import gradcam  # noqa: E402
 import inference  # noqa: E402
+import label_issues  # noqa: E402
+import report  # noqa: E402
 import train  # noqa: E402
 from common import UserError, run_main  # noqa: E402
 from dataset import mask_class_names  # noqa: E402
@@ -361,8 +368,9 @@ def foreign_checkpoint(name, model_name="test_resnet", num_classes=18, unfinish=
         config = json.loads((run_dir / "config.json").read_text())
         classes = [f"class{i}" for i in range(num_classes)] if num_classes != 18 else config["classes"]
         model = create_model(model_name, num_classes, pretrained=False)
-        torch.save({"model": model.state_dict(), "config": {**config, "model": model_name, "classes": classes}},
-                   run_dir / name)
+        resume_state = {"optimizer": {}} if unfinish else {}  # a last.pth carries one; only its origin is wrong
+        torch.save({"model": model.state_dict(), "config": {**config, "model": model_name, "classes": classes},
+                    **resume_state}, run_dir / name)
         if unfinish:
             (run_dir / name).with_name("oof.csv").unlink()
     return edit
@@ -420,11 +428,190 @@ BAD_INPUTS = {  # case: (script, its arguments made from the workspace w, expect
 }
 
 
+# ---- 5b. the matrix: every script, each kind of bad input ---------------------------------------------
+def a_file(w, name="taken"):
+    """A plain file where a folder is expected."""
+    (w.tmp / name).write_text("not a folder\n")
+    return w.tmp / name
+
+
+def a_folder(w, name="outdir"):
+    """A folder where a file is expected."""
+    (w.tmp / name).mkdir()
+    return w.tmp / name
+
+
+def read_only_folder(w):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = a_folder(w, "read_only")
+    folder.chmod(0o555)
+    return folder
+
+
+def corrupt_config(run_dir):
+    (run_dir / "config.json").write_text('{"classes": ["a", "b"], "model": ')  # cut off, as by a full disk
+
+
+def unfinished(run_dir):
+    for oof in run_dir.glob("fold*/oof.csv"):
+        oof.unlink()
+
+
+def duplicated_id(eval_dir):
+    edit_csv(eval_dir / "info.csv", lambda t: pd.concat([t, t.iloc[[3]]]))
+
+
+def broken_copy(w, source):
+    """A truncated copy of source, as an interrupted download leaves it."""
+    shutil.copy(source, w.tmp / "broken.jpg")
+    truncate(w.tmp / "broken.jpg")
+    return w.tmp / "broken.jpg"
+
+
+def eval_images(w, count=2):
+    return sorted((w.eval / "images").iterdir())[:count]
+
+
+def without_facenet(w):
+    w.patch.setitem(sys.modules, "facenet_pytorch", None)  # import then raises ImportError, as when not installed
+    return w.eval
+
+
+def busy_port(w):
+    """A port another program is listening on (closed when the case ends)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    w.held.append(server)
+    return server.getsockname()[1]
+
+
+def free_port(w):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serving(run_dir, w, *extra):
+    return ["--model_dir", run_dir, "--port", free_port(w), *extra]
+
+
+def config_text(w, text):
+    (w.tmp / "config.yaml").write_text(text)
+    return w.tmp / "config.yaml"
+
+
+BAD_INPUTS.update({
+    # train.py: numbers, config files, listed files, output folder, damaged run folder
+    "train --epochs 0": (train, lambda w: training(w.clean, w, "--epochs", 0), "--epochs: 0 must be >= 1"),
+    "train --epochs -3": (train, lambda w: training(w.clean, w, "--epochs", -3), "--epochs: -3 must be >= 1"),
+    "train --folds 0": (train, lambda w: training(w.clean, w, "--folds", 0), "--folds: 0 must be >= 1"),
+    "train --config with a YAML syntax error": (train, lambda w: training(w.clean, w, "--config", config_text(
+        w, "epochs: [1, 2\nlr: 0.1\n")), "config.yaml is not readable YAML"),
+    "train --config value of the wrong type": (train, lambda w: training(w.clean, w, "--config", config_text(
+        w, "epochs: ten\n")), "epochs: 'ten' is not what --epochs takes"),
+    "train --config file missing": (train, lambda w: training(w.clean, w, "--config", w.tmp / "nope.yaml"),
+                                    "nope.yaml not found: check --config"),
+    "train --drop_list missing": (train, lambda w: training(w.clean, w, "--drop_list", w.tmp / "drops.csv"),
+                                  "drops.csv not found: check --drop_list"),
+    "train --relabel_list missing": (train, lambda w: training(w.clean, w, "--relabel_list", w.tmp / "fix.csv"),
+                                     "fix.csv not found: check --relabel_list"),
+    "train --crop missing": (train, lambda w: training(w.clean, w, "--crop", w.tmp / "boxes.csv"),
+                             "boxes.csv not found: check --crop"),
+    "train --model_dir is a file": (train, lambda w: training(w.clean, w, "--model_dir", a_file(w)),
+                                    "cannot write"),
+    "train --resume with a corrupt config.json": (train, lambda w: ["--resume", run_copy(w, corrupt_config)],
+                                                  "config.json is not readable JSON"),
+    # inference.py
+    "inference on a corrupt config.json": (inference, lambda w: predicting(run_copy(w, corrupt_config), w),
+                                           "config.json is not readable JSON"),
+    "inference: info.csv with a duplicated id": (inference, lambda w: predicting(
+        w.run, w, w.edit_eval(duplicated_id)), "is listed more than once"),
+    "inference --submission missing": (inference, lambda w: [*predicting(w.run, w), "--submission",
+                                                             w.tmp / "sample_submission.csv"],
+                                       "sample_submission.csv not found: check --submission"),
+    "inference --crop missing": (inference, lambda w: [*predicting(w.run, w), "--crop", w.tmp / "boxes.csv"],
+                                 "boxes.csv not found: check --crop"),
+    "inference --output_dir is a file": (inference, lambda w: [*predicting(w.run, w), "--output_dir", a_file(w)],
+                                         "cannot write"),
+    "inference --output_dir read-only": (inference, lambda w: [*predicting(w.run, w), "--output_dir",
+                                                               read_only_folder(w)], "cannot write"),
+    "inference --batch_size 0": (inference, lambda w: [*predicting(w.run, w), "--batch_size", 0],
+                                 "--batch_size: 0 must be >= 1"),
+    "inference --folds 7 (no such fold)": (inference, lambda w: [*predicting(w.run, w), "--folds", 7],
+                                           "no fold*/best.pth for folds [7]"),
+    # dataset.py
+    "dataset --out names a folder": (dataset, lambda w: ["--data_dir", w.clean, "--out", a_folder(w)],
+                                     "cannot write"),
+    "dataset --folds 0": (dataset, lambda w: ["--data_dir", w.clean, "--folds", 0], "--folds: 0 must be >= 1"),
+    "dataset --data_dir missing": (dataset, lambda w: ["--data_dir", w.tmp / "nowhere"], "nowhere is not a folder"),
+    # report.py
+    "report on a corrupt config.json": (report, lambda w: ["--model_dir", run_copy(w, corrupt_config)],
+                                        "config.json is not readable JSON"),
+    "report --data_dir without the images": (report, lambda w: ["--model_dir", run_copy(w, lambda d: None),
+                                                                "--data_dir", a_folder(w, "empty")],
+                                             "are not under"),
+    "report --model_dir that is no run": (report, lambda w: ["--model_dir", w.tmp], "config.json not found"),
+    "report --worst -1": (report, lambda w: ["--model_dir", w.run, "--worst", -1], "--worst: -1 must be >= 0"),
+    # export.py
+    "export --format tflite": (export, lambda w: ["--model_dir", w.run, "--format", "tflite", "--out",
+                                                  w.tmp / "export"], "unknown format 'tflite'"),
+    "export --fold 5 (no such fold)": (export, lambda w: ["--model_dir", w.run, "--fold", 5, "--out",
+                                                          w.tmp / "export"], "no fold*/best.pth for folds [5]"),
+    "export --out is a file": (export, lambda w: ["--model_dir", w.run, "--format", "torchscript", "--out",
+                                                  a_file(w)], "cannot write"),
+    "export on a corrupt config.json": (export, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
+                                                           w.tmp / "export"], "config.json is not readable JSON"),
+    # label_issues.py
+    "label_issues --rank_by loss": (label_issues, lambda w: ["--model_dir", w.run, "--rank_by", "loss"],
+                                    "--rank_by: invalid choice: 'loss'"),
+    "label_issues --data_dir without the images": (label_issues, lambda w: [
+        "--model_dir", run_copy(w, lambda d: None), "--data_dir", a_folder(w, "empty")], "are not under"),
+    "label_issues on a run with no finished fold": (label_issues, lambda w: ["--model_dir", run_copy(w, unfinished)],
+                                                    "no finished fold"),
+    "label_issues --top -1": (label_issues, lambda w: ["--model_dir", w.run, "--top", -1], "--top: -1 must be >= 0"),
+    # gradcam.py
+    "gradcam --device gpu0": (gradcam, lambda w: ["--model_dir", w.run, "--images", *eval_images(w), "--out",
+                                                  w.tmp / "cam", "--device", "gpu0"], "--device gpu0 is not a device"),
+    "gradcam: one unreadable image among --images": (gradcam, lambda w: [
+        "--model_dir", w.run, "--images", *eval_images(w), broken_copy(w, eval_images(w)[0]), "--out",
+        w.tmp / "cam", "--device", "cpu"], "broken.jpg"),
+    "gradcam: a missing --images file": (gradcam, lambda w: ["--model_dir", w.run, "--images", w.tmp / "gone.jpg",
+                                                             "--out", w.tmp / "cam"], "gone.jpg"),
+    "gradcam --fold 3 (no such fold)": (gradcam, lambda w: ["--model_dir", w.run, "--images", *eval_images(w),
+                                                            "--fold", 3, "--out", w.tmp / "cam"],
+                                        "no fold*/best.pth for folds [3]"),
+    "gradcam on a corrupt config.json": (gradcam, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
+                                                             w.tmp / "cam"], "config.json is not readable JSON"),
+    # crop_faces.py
+    "crop_faces --device gpu0": (crop_faces, lambda w: ["--data_dir", w.eval, "--out", w.tmp / "boxes.csv",
+                                                        "--device", "gpu0"], "--device gpu0 is not a device"),
+    "crop_faces without facenet-pytorch": (crop_faces, lambda w: ["--data_dir", without_facenet(w), "--out",
+                                                                  w.tmp / "boxes.csv"],
+                                           "pip install --no-deps facenet-pytorch==2.6.0"),
+    "crop_faces --submission missing": (crop_faces, lambda w: ["--data_dir", w.eval, "--submission",
+                                                               w.tmp / "sub.csv", "--out", w.tmp / "boxes.csv"],
+                                        "sub.csv not found: check --submission"),
+    "crop_faces --min_prob 2": (crop_faces, lambda w: ["--data_dir", w.eval, "--min_prob", 2, "--out",
+                                                       w.tmp / "boxes.csv"], "--min_prob: 2 must be >= 0 and <= 1"),
+    "crop_faces: info.csv with a duplicated id": (crop_faces, lambda w: [
+        "--data_dir", w.edit_eval(duplicated_id), "--out", w.tmp / "boxes.csv"], "is listed more than once"),
+    # app.py
+    "app --port 70000": (app, lambda w: ["--model_dir", w.run, "--port", 70000], "--port: 70000 must be >= 1 and <= 65535"),
+    "app on a busy port": (app, lambda w: ["--model_dir", w.run, "--port", busy_port(w)], "cannot serve on"),
+    "app --top 0": (app, lambda w: serving(w.run, w, "--top", 0), "--top: 0 must be >= 1"),
+    "app on a corrupt config.json": (app, lambda w: serving(run_copy(w, corrupt_config), w),
+                                     "config.json is not readable JSON"),
+    "app --model_dir that is no run": (app, lambda w: serving(w.tmp, w), "config.json not found"),
+})
+
+
 class Workspace:
     """Paths the table's argument makers build on; each case gets its own tmp folder."""
 
-    def __init__(self, tmp, clean, run):
-        self.tmp, self.clean, self.run = tmp, clean, run
+    def __init__(self, tmp, clean, run, patch):
+        self.tmp, self.clean, self.run, self.patch, self.held = tmp, clean, run, patch, []
         self.eval = copy_eval(tmp / "eval")
 
     def edit_eval(self, edit):
@@ -435,11 +622,16 @@ class Workspace:
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_with_no_output(case, tmp_path, clean_data, reference_run, monkeypatch, capsys):
     module, make_args, expected = BAD_INPUTS[case]
-    argv = make_args(Workspace(tmp_path, clean_data, reference_run))
+    w = Workspace(tmp_path, clean_data, reference_run, monkeypatch)
+    argv = make_args(w)
     before = snapshot(tmp_path, reference_run)
-    code, err = cli(monkeypatch, capsys, module, argv)
-    print(f"{case}: {err.strip()}")  # the report quotes these lines (pytest -s)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    try:
+        code, err = cli(monkeypatch, capsys, module, argv)
+    finally:
+        for held in w.held:
+            held.close()
+    print(f"{module.__name__}.py | {case}: {err.strip()}")  # the report quotes these lines (pytest -s)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert expected in err
     assert snapshot(tmp_path, reference_run) == before, "a file was written or changed"
 
