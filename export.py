@@ -128,7 +128,7 @@ def preprocess_info(config, models, files):
 
 def main():
     args = parse_args()
-    exporters = {name: lookup(FORMATS, name, "format") for name in args.format}
+    exporters = {name: lookup(FORMATS, name, "--format") for name in args.format}
     folds = [args.fold] if args.fold is not None else None
     models, config = load_run(args.model_dir, folds, args.checkpoint, "cpu")
     module = ProbabilityModel(models, config["head"]).eval().requires_grad_(False)  # outputs carry no graph

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import app  # noqa: E402
@@ -556,7 +557,7 @@ BAD_INPUTS.update({
     "report --worst -1": (report, lambda w: ["--model_dir", w.run, "--worst", -1], "--worst: -1 must be >= 0"),
     # export.py
     "export --format tflite": (export, lambda w: ["--model_dir", w.run, "--format", "tflite", "--out",
-                                                  w.tmp / "export"], "unknown format 'tflite'"),
+                                                  w.tmp / "export"], "unknown --format 'tflite'"),
     "export --fold 5 (no such fold)": (export, lambda w: ["--model_dir", w.run, "--fold", 5, "--out",
                                                           w.tmp / "export"], "no fold*/best.pth for folds [5]"),
     "export --out is a file": (export, lambda w: ["--model_dir", w.run, "--format", "torchscript", "--out",
@@ -565,7 +566,7 @@ BAD_INPUTS.update({
                                                            w.tmp / "export"], "config.json is not readable JSON"),
     # label_issues.py
     "label_issues --rank_by loss": (label_issues, lambda w: ["--model_dir", w.run, "--rank_by", "loss"],
-                                    "--rank_by: invalid choice: 'loss'"),
+                                    "unknown --rank_by 'loss'"),
     "label_issues --data_dir without the images": (label_issues, lambda w: [
         "--model_dir", run_copy(w, lambda d: None), "--data_dir", a_folder(w, "empty")], "are not under"),
     "label_issues on a run with no finished fold": (label_issues, lambda w: ["--model_dir", run_copy(w, unfinished)],
@@ -646,3 +647,117 @@ def test_train_cli_error_is_one_line_on_stderr(tmp_path, clean_data):
 def test_unknown_command_line_argument_is_refused(clean_data, monkeypatch, capsys):
     code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, "--learnig_rate", "0.1"])
     assert code == 2 and "unrecognized arguments: --learnig_rate" in err and "Traceback" not in err
+
+
+def test_outputs_of_one_step_are_renamed_together_or_not_at_all(tmp_path):
+    """probs.csv and output.csv: a failure while writing the second leaves the old pair, not a mismatched one."""
+    for name in ("probs.csv", "output.csv"):
+        (tmp_path / name).write_text("old\n")
+
+    def full_disk(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="output.csv.*No space left"):
+        common.atomic_write_all({tmp_path / "probs.csv": lambda tmp: Path(tmp).write_text("new\n"),
+                                 tmp_path / "output.csv": full_disk})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.csv", "probs.csv"]
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"old\n"}
+
+
+# ---- 6. valid but awkward inputs work ------------------------------------------------------------
+AWKWARD = "사진 폴더"  # a folder name with a space and Korean letters
+
+
+def sixteen_bit_png(photo, dest):
+    """The photo's grey levels as a 16-bit PNG (mode I;16): 8-bit value v stored as v * 257."""
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(dest.with_suffix(".png"))
+    return dest.with_suffix(".png")
+
+
+def palette_png(photo, dest):
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(dest.with_suffix(".png"))
+    return dest.with_suffix(".png")
+
+
+def cmyk_jpeg(photo, dest):
+    photo.convert("CMYK").save(dest, quality=95)
+    return dest
+
+
+def grey_jpeg(photo, dest):
+    photo.convert("L").save(dest, quality=95)
+    return dest
+
+
+def exif_rotated_jpeg(photo, dest):
+    """Stored turned a quarter left, with EXIF orientation 6 (turn right to show), as phones save photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(dest, quality=95, exif=exif)
+    return dest
+
+
+# kind: (writer, what load_image must show: the photo as RGB or its grey, mean |difference| allowed)
+AWKWARD_IMAGES = {"16-bit PNG": (sixteen_bit_png, "grey", 0.5), "palette PNG": (palette_png, "rgb", 12),
+                  "CMYK JPEG": (cmyk_jpeg, "rgb", 12), "grayscale JPEG": (grey_jpeg, "grey", 6),
+                  "EXIF-rotated JPEG": (exif_rotated_jpeg, "rgb", 8)}
+
+
+def make_awkward(kind, source, dest):
+    """Replace source by dest written as kind; returns (new file, mean |difference| from what it shows)."""
+    writer, shown, _ = AWKWARD_IMAGES[kind]
+    with Image.open(source) as photo:
+        photo = photo.convert("RGB")
+    written = writer(photo, dest)
+    if written != source:
+        source.unlink()
+    want = photo.convert("L").convert("RGB") if shown == "grey" else photo
+    got = dataset.load_image(written)
+    assert got.size == want.size, kind
+    return written, float(np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean())
+
+
+def predict_ok(monkeypatch, run_dir, eval_dir, out, *extra):
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--data_dir", str(eval_dir), "--model_dir", str(run_dir),
+                                      "--output_dir", str(out), "--num_workers", "0", *map(str, extra)])
+    inference.main()
+    return pd.read_csv(out / "output.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize("kind", AWKWARD_IMAGES)
+def test_awkward_test_image_in_a_korean_folder_is_predicted(kind, tmp_path, reference_run, monkeypatch):
+    eval_dir = copy_eval(tmp_path / AWKWARD / "평가 데이터", images=8)
+    first = eval_dir / "images" / pd.read_csv(eval_dir / "info.csv")["ImageID"][0]
+    written, difference = make_awkward(kind, first, first)
+    edit_csv(eval_dir / "info.csv", lambda t: t.replace({"ImageID": {first.name: written.name}}))
+    output = predict_ok(monkeypatch, reference_run, eval_dir, tmp_path / AWKWARD / "결과")
+    print(f"works | {kind} in '{eval_dir.relative_to(tmp_path)}': decoded {difference:.2f} grey levels "
+          f"from the original, {len(output)} predictions")
+    assert difference <= AWKWARD_IMAGES[kind][2], kind
+    info = pd.read_csv(eval_dir / "info.csv", dtype=str, keep_default_na=False)
+    assert output["ImageID"].tolist() == info["ImageID"].tolist() and output["ans"].str.isdigit().all()
+
+
+def test_training_on_awkward_images_in_a_korean_folder_then_a_sample_submission(tmp_path, clean_data,
+                                                                                monkeypatch):
+    """Every awkward kind among one person's photos, in a folder with spaces and Korean letters; then
+    inference.py --submission with a sample-submission CSV whose ids have no extension."""
+    data_dir = copy_people(tmp_path / AWKWARD / "학습 데이터", people=4)
+    person = sorted((data_dir / "images").iterdir())[0]
+    for kind, stem in zip(AWKWARD_IMAGES, ("mask1", "mask2", "mask3", "mask4", "mask5")):
+        make_awkward(kind, person / f"{stem}.jpg", person / f"{stem}.jpg")
+    models = tmp_path / AWKWARD / "모델"
+    train.main(map(str, ["--data_dir", data_dir, *TINY, "--epochs", 1, "--num_workers", 0, "--model_dir", models,
+                         "--name", "run 1"]))
+    oof = read_oof(models / "run 1" / "oof.csv")
+    assert len(oof) == 28 and oof["path"].str.endswith(".png").sum() == 2
+    eval_dir = copy_eval(tmp_path / AWKWARD / "평가 데이터", images=8)
+    ids = [Path(name).stem for name in pd.read_csv(eval_dir / "info.csv")["ImageID"]]
+    (eval_dir / "info.csv").unlink()
+    pd.DataFrame({"id": ids, "answer": ""}).to_csv(eval_dir / "sample_submission.csv", index=False)
+    output = predict_ok(monkeypatch, models / "run 1", eval_dir, tmp_path / AWKWARD / "결과", "--submission",
+                        eval_dir / "sample_submission.csv")
+    print(f"works | training in '{data_dir.relative_to(tmp_path)}' on {', '.join(AWKWARD_IMAGES)}; "
+          f"--submission sample_submission.csv: {len(output)} rows, columns {list(output.columns)}")
+    assert list(output.columns) == ["id", "answer"] and output["id"].tolist() == ids
+    assert output["answer"].str.isdigit().all()
