@@ -36,8 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--tta", action="store_true", help="also predict the horizontally flipped image")
     p.add_argument("--crop", default=None, help="boxes CSV for the test images (crop_faces.py)")
-    p.add_argument("--batch_size", type=in_range(int, 1), default=256, help="images per batch (halved while the GPU runs out "
-                   "of memory)")
+    p.add_argument("--batch_size", type=in_range(int, 1), default=256,
+                   help="images per batch (halved while the GPU runs out of memory)")
     p.add_argument("--num_workers", type=in_range(int, 0), default=min(4, os.cpu_count()), help="data loader processes")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     return p.parse_args(argv)

@@ -599,7 +599,8 @@ BAD_INPUTS.update({
     "crop_faces: info.csv with a duplicated id": (crop_faces, lambda w: [
         "--data_dir", w.edit_eval(duplicated_id), "--out", w.tmp / "boxes.csv"], "is listed more than once"),
     # app.py
-    "app --port 70000": (app, lambda w: ["--model_dir", w.run, "--port", 70000], "--port: 70000 must be >= 1 and <= 65535"),
+    "app --port 70000": (app, lambda w: ["--model_dir", w.run, "--port", 70000],
+                         "--port: 70000 must be >= 1 and <= 65535"),
     "app on a busy port": (app, lambda w: ["--model_dir", w.run, "--port", busy_port(w)], "cannot serve on"),
     "app --top 0": (app, lambda w: serving(w.run, w, "--top", 0), "--top: 0 must be >= 1"),
     "app on a corrupt config.json": (app, lambda w: serving(run_copy(w, corrupt_config), w),
