@@ -12,13 +12,14 @@ fetched from the internet). Runs trained on face crops (--crop) get the whole ph
 import argparse
 import base64
 import io
+import socket
 
 import numpy as np
 import torch
 from flask import Flask, render_template_string, request
 from PIL import UnidentifiedImageError
 
-from common import UserError, run_main
+from common import KitParser, UserError, in_range, run_main
 from dataset import HEAD_NAMES, build_transform, head_marginals, head_value_names, load_image
 from inference import load_run
 from model import predict_probs
@@ -53,12 +54,12 @@ PAGE = """<!doctype html>
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on")
-    p.add_argument("--top", type=int, default=5, help="how many classes to list")
+    p.add_argument("--port", type=in_range(int, 1, 65535), default=7860, help="port to serve on")
+    p.add_argument("--top", type=in_range(int, 1), default=5, help="how many classes to list")
     return p.parse_args(argv)
 
 
@@ -112,12 +113,22 @@ def create_app(models, config, top=5, title="Image classifier demo"):
     return app
 
 
+def check_port(host, port):
+    """Bind host:port once before loading anything, so a busy port or unknown host is one line, not a
+    traceback from the server after the models loaded."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot serve on {host}:{port} ({err.strerror or err}): pick a free --port "
+                        "or another --host") from None
+
+
 def main():
     args = parse_args()
+    check_port(args.host, args.port)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, config = load_run(args.model_dir, which=args.checkpoint, device=device)
-    if args.top < 1:
-        raise UserError(f"--top {args.top}: list at least 1 class")
     print(f"loaded {len(models)} fold model(s) from {args.model_dir}; open http://{args.host}:{args.port}",
           flush=True)
     create_app(models, config, args.top).run(host=args.host, port=args.port)

@@ -28,12 +28,20 @@ def run_main(main):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto path, so a crash never leaves a half-written file. A folder that
     cannot be made or written (a file in the way, no permission, a full disk) is one UserError naming it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writers):
+    """atomic_write for files that belong together ({path: write}): each is written to a temporary name and
+    all are renamed only once every one was written, so a failure never leaves a mismatched set."""
+    temporary = {Path(p): Path(p).with_name(f".{Path(p).name}.tmp{os.getpid()}") for p in writers}
+    path = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
+        for (path, tmp), write in zip(temporary.items(), writers.values()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+        for path, tmp in temporary.items():
+            os.replace(tmp, path)
     except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         raise UserError(f"cannot write {path} ({type(err).__name__}: {err.strerror or err}): "
                         "choose a writable output path") from None
@@ -42,10 +50,11 @@ def atomic_write(path, write):
             raise
         raise UserError(f"cannot write {path} ({err.strerror}): free space or choose another output path") from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # its folder could not be made: nothing to remove
-            pass
+        for tmp in temporary.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # its folder could not be made: nothing to remove
+                pass
 
 
 def lookup(registry, name, what):

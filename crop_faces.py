@@ -24,15 +24,17 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common import UserError, atomic_write, lookup, run_main
+from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
 from dataset import ImageDataset, build_table, find_bad_images, read_test_table
+from model import pick_device
 
 FALLBACK_BOX = (0.2, 0.1, 0.8, 0.7)  # x0, y0, x1, y1 as shares of width/height: a portrait's face
 COLUMNS = ["path", "x0", "y0", "x1", "y1", "prob", "found"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="crop_faces.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="sample/train", help="a training folder or a test folder (info.csv)")
     p.add_argument("--out", default="boxes.csv", help="boxes CSV to write (keep it outside --data_dir)")
     p.add_argument("--kind", default="auto", choices=["auto", "train", "test"],
@@ -42,10 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--ann_file", default=None, help="annotation CSV/JSON for csv/json layouts")
     p.add_argument("--path_col", default="path", help="image path column/field (csv, json)")
     p.add_argument("--label_col", default="label", help="label column/field (csv, json)")
-    p.add_argument("--min_prob", type=float, default=0.9, help="faces found with a lower probability fall back")
-    p.add_argument("--max_side", type=int, default=1024, help="larger images are shrunk to this for detection")
-    p.add_argument("--batch_size", type=int, default=32, help="images per MTCNN batch (same-size images batch)")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="image decoding processes")
+    p.add_argument("--min_prob", type=in_range(float, 0, 1), default=0.9,
+                   help="faces found with a lower probability fall back")
+    p.add_argument("--max_side", type=in_range(int, 1), default=1024,
+                   help="larger images are shrunk to this for detection")
+    p.add_argument("--batch_size", type=in_range(int, 1), default=32,
+                   help="images per MTCNN batch (same-size images batch)")
+    p.add_argument("--num_workers", type=in_range(int, 0), default=min(4, os.cpu_count()),
+                   help="image decoding processes")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
@@ -82,10 +88,18 @@ def detection_input(image, max_side):
     return torch.from_numpy(np.asarray(image).copy()), scale, full_size
 
 
+def detector_class():
+    """facenet-pytorch's MTCNN class, or one line with the install command (an optional install)."""
+    try:
+        from facenet_pytorch import MTCNN  # imported here: slow to import, and an optional install
+    except ImportError:
+        raise UserError("crop_faces.py needs facenet-pytorch: pip install --no-deps facenet-pytorch==2.6.0") from None
+    return MTCNN
+
+
 def load_detector(device):
     """facenet-pytorch's MTCNN (P/R/O-Net weights from its wheel); largest face first."""
-    from facenet_pytorch import MTCNN  # imported here: slow to import, and an optional install
-    return MTCNN(select_largest=True, device=device)
+    return detector_class()(select_largest=True, device=device)
 
 
 def detect_batch(mtcnn, items):
@@ -127,6 +141,8 @@ def find_boxes(files, paths, args, device):
 
 def main():
     args = parse_args()
+    device = pick_device(args.device)
+    detector_class()  # a missing install fails before any image is read
     kind = args.kind if args.kind != "auto" else ("test" if is_test_folder(args) else "train")
     files, paths = lookup(IMAGE_SOURCES, kind, "kind")(args)
     bad = {f for f, _ in find_bad_images(files)}
@@ -136,7 +152,6 @@ def main():
         files = [f for f in files if f not in bad]
     if not files:
         raise UserError(f"{args.data_dir}: no readable images; point --data_dir at a training or test folder")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     print(f"{kind} folder {args.data_dir}: {len(files)} images, MTCNN on {device}")
     boxes = find_boxes(files, paths, args, device)
     atomic_write(args.out, lambda tmp: boxes.to_csv(tmp, index=False, float_format="%.3f"))

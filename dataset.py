@@ -90,11 +90,12 @@ def mask_class_names(bounds=AGE_BOUNDS):
 
 
 # ---- layouts ---------------------------------------------------------------------------------
-def read_csv_checked(path, columns=(), fix="fix the header or pass the right --path_col/--label_col", **kwargs):
+def read_csv_checked(path, columns=(), fix="fix the header or pass the right --path_col/--label_col",
+                     missing_fix="point --data_dir at the folder that holds it", **kwargs):
     """pandas.read_csv with one-line errors for a missing, empty or unparsable file or missing columns;
-    fix is the advice given for missing columns."""
+    fix is the advice given for missing columns, missing_fix for a missing file (the flag that named it)."""
     if not Path(path).is_file():
-        raise UserError(f"{path} not found: point --data_dir at the folder that holds it")
+        raise UserError(f"{path} not found: {missing_fix}")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -324,12 +325,13 @@ def apply_corrections(table, classes, drop_list=None, relabel_list=None, age_bou
     A gender or mask fix (mask layout) recomputes the label; a label fix sets it as given."""
     table = table.copy()
     if drop_list:
-        drops = read_csv_checked(drop_list, fix=CORRECTION_FIX).to_dict("records")
+        drops = read_csv_checked(drop_list, fix=CORRECTION_FIX, missing_fix="check --drop_list").to_dict("records")
         keep = ~np.logical_or.reduce([select_rows(table, r, drop_list) for r in drops] or [False])
         table = table[keep].reset_index(drop=True)
     if relabel_list:
         names = {"gender": list(GENDERS), "mask": list(MASK_NAMES), "label": list(classes)}
-        for row in read_csv_checked(relabel_list, ["field", "value"], fix=CORRECTION_FIX).to_dict("records"):
+        for row in read_csv_checked(relabel_list, ["field", "value"], fix=CORRECTION_FIX,
+                                    missing_fix="check --relabel_list").to_dict("records"):
             if row["field"] not in names or (row["field"] != "label" and "age" not in table):
                 raise UserError(f"{relabel_list}: field must be {'gender, mask or ' if 'age' in table else ''}"
                                 f"label, not '{row['field']}'")
@@ -366,10 +368,15 @@ def read_test_table(data_dir, submission=None):
         submission = next((c for c in candidates if c.is_file()), None)
         if submission is None:
             raise UserError(f"{data_dir}: no info.csv or sample-submission CSV; pass --submission")
-    frame = read_csv_checked(submission)
+    submission = Path(submission)
+    frame = read_csv_checked(submission, missing_fix="check --submission")
     if frame.shape[1] < 2:
         raise UserError(f"{submission} needs an id column and an answer column (like ImageID,ans)")
     id_col = frame.columns[0]
+    repeated = frame[id_col][frame[id_col].duplicated()]
+    if len(repeated):
+        raise UserError(f"{submission}: {id_col} {repeated.iloc[0]} is listed more than once "
+                        f"({len(repeated)} repeated ids); each test image must have one row: fix the file")
     root = data_dir if submission.parent == data_dir else submission.parent
     files = [resolve_image(root, name) for name in frame[id_col]]
     missing = [n for n, f in zip(frame[id_col], files) if f is None]
@@ -417,7 +424,16 @@ def load_image(path, draft_size=None, box=None):
         image = ImageOps.exif_transpose(image)
         if box is not None:
             image = image.crop(tuple(round(v * shrink) for v in box))
-        return image.convert("RGB")
+        return to_rgb(image)
+
+
+def to_rgb(image):
+    """RGB of any PIL mode; 16/32-bit grey (16-bit PNGs, TIFFs) scaled 65535 -> 255, where Pillow's convert
+    would clip every value above 255 to white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        grey = np.asarray(image).astype(np.float64) / 257  # 65535 / 255: the 16-bit range onto 8 bits
+        image = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)  # what a bad file raises
@@ -443,7 +459,8 @@ def find_bad_images(paths, workers=None):
 
 def read_boxes(boxes_csv, paths, margin=0.2):
     """Crop boxes for paths from a CSV (path,x0,y0,x1,y1), widened by margin of their size."""
-    boxes = read_csv_checked(boxes_csv, ["path", "x0", "y0", "x1", "y1"]).set_index("path")
+    boxes = read_csv_checked(boxes_csv, ["path", "x0", "y0", "x1", "y1"], fix="write it with crop_faces.py",
+                             missing_fix="check --crop, or write it with crop_faces.py").set_index("path")
     missing = [p for p in paths if p not in boxes.index]
     if missing:
         raise UserError(f"{boxes_csv} has no box for {len(missing)} images (first: {missing[0]}); "

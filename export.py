@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import UserError, atomic_write, lookup, run_main
+from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
 from dataset import build_transform
 from inference import load_run
 from model import to_probs
@@ -45,10 +45,11 @@ class ProbabilityModel(nn.Module):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="export.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--fold", type=int, default=None, help="export this fold's model")
+    which.add_argument("--fold", type=in_range(int, 0), default=None, help="export this fold's model")
     which.add_argument("--ensemble", action="store_true", help="export the average of all folds (the default)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], help=f"any of: {', '.join(FORMATS)}")
@@ -127,7 +128,7 @@ def preprocess_info(config, models, files):
 
 def main():
     args = parse_args()
-    exporters = {name: lookup(FORMATS, name, "format") for name in args.format}
+    exporters = {name: lookup(FORMATS, name, "--format") for name in args.format}
     folds = [args.fold] if args.fold is not None else None
     models, config = load_run(args.model_dir, folds, args.checkpoint, "cpu")
     module = ProbabilityModel(models, config["head"]).eval().requires_grad_(False)  # outputs carry no graph

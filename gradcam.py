@@ -24,19 +24,20 @@ import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from common import UserError, atomic_write, run_main
-from dataset import build_transform, load_image, read_boxes
+from common import KitParser, UserError, atomic_write, in_range, run_main
+from dataset import build_transform, check_image, load_image, read_boxes
 from inference import load_run
-from model import to_probs
+from model import pick_device, to_probs
 from report import read_run, worst_predictions
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="gradcam.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
     p.add_argument("--images", nargs="+", default=None, help="explain these image files (default: --worst)")
-    p.add_argument("--worst", type=int, default=16, help="explain this many worst OOF errors (oof.csv)")
-    p.add_argument("--fold", type=int, default=0, help="fold model for --images")
+    p.add_argument("--worst", type=in_range(int, 1), default=16, help="explain this many worst OOF errors (oof.csv)")
+    p.add_argument("--fold", type=in_range(int, 0), default=0, help="fold model for --images")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--data_dir", default=None, help="training images, if moved since training (for --worst)")
     p.add_argument("--crop", default=None, help="boxes CSV, if moved since training (runs trained with --crop)")
@@ -131,8 +132,12 @@ def save_overlay(path, photo, heat, title):
 
 def main():
     args = parse_args()
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     images = chosen_images(args) if args.images else worst_errors(args)
+    unreadable = [(item["file"], reason) for item in images if (reason := check_image(item["file"]))]
+    if unreadable:  # all checked before the first overlay: no partial folder
+        raise UserError(f"{len(unreadable)} images do not decode (first: {unreadable[0][0]}: {unreadable[0][1]}); "
+                        "replace them or leave them out of --images")
     runs = {fold: load_run(args.model_dir, [fold], args.checkpoint, device) for fold in {i["fold"] for i in images}}
     config = next(iter(runs.values()))[1]
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)

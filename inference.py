@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from common import UserError, atomic_write, run_main
+from common import KitParser, UserError, atomic_write_all, in_range, run_main
 from dataset import ImageDataset, build_transform, find_bad_images, read_boxes, read_csv_checked, read_test_table
 from model import load_checkpoint, predict_probs
 from runs import check_same_run, read_config
@@ -25,19 +25,20 @@ from runs import check_same_run, read_config
 
 def parse_args(argv=None):
     env = os.environ.get
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="inference.py", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=env("SM_CHANNEL_EVAL", "sample/eval"), help="test folder (info.csv)")
     p.add_argument("--model_dir", nargs="+", default=[env("SM_CHANNEL_MODEL", "model/exp")],
                    help="one or more run folders made by train.py (several = cross-run ensemble)")
     p.add_argument("--output_dir", default=env("SM_OUTPUT_DATA_DIR", "output"), help="where output.csv goes")
     p.add_argument("--submission", default=None, help="sample-submission CSV (default: info.csv)")
-    p.add_argument("--folds", type=int, nargs="+", default=None, help="only these folds (default: all)")
+    p.add_argument("--folds", type=in_range(int, 0), nargs="+", default=None, help="only these folds (default: all)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--tta", action="store_true", help="also predict the horizontally flipped image")
     p.add_argument("--crop", default=None, help="boxes CSV for the test images (crop_faces.py)")
-    p.add_argument("--batch_size", type=int, default=256, help="images per batch (halved while the GPU runs out "
-                   "of memory)")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count()), help="data loader processes")
+    p.add_argument("--batch_size", type=in_range(int, 1), default=256,
+                   help="images per batch (halved while the GPU runs out of memory)")
+    p.add_argument("--num_workers", type=in_range(int, 0), default=min(4, os.cpu_count()), help="data loader processes")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     return p.parse_args(argv)
 
@@ -130,12 +131,13 @@ def write_outputs(output_dir, template, config, probs, submission=None):
     answers = probs.argmax(1)
     frame = template.copy()
     frame[answer_col] = answers if config["layout"] == "mask" else [classes[a] for a in answers]
-    expected = read_csv_checked(submission) if submission else template
+    expected = read_csv_checked(submission, missing_fix="check --submission") if submission else template
     check_submission(frame, expected, probs, classes, config["layout"], submission or "the template")
     prob_frame = pd.concat([template[[id_col]], pd.DataFrame(probs, columns=[f"p{i}" for i in range(len(classes))])],
                            axis=1)
-    atomic_write(Path(output_dir) / "probs.csv", lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"))
-    atomic_write(Path(output_dir) / "output.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write_all({  # renamed together: never an output.csv beside the probs.csv of another prediction
+        Path(output_dir) / "probs.csv": lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"),
+        Path(output_dir) / "output.csv": lambda tmp: frame.to_csv(tmp, index=False)})
     return frame
 
 

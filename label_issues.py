@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common import atomic_write, lookup, run_main
+from common import KitParser, atomic_write, in_range, lookup, run_main
 from dataset import HEAD_NAMES, split_label
 from report import image_caption, read_run, save_image_grid
 
@@ -91,7 +91,7 @@ def write_outputs(table, run_dir, data_dir, rank_by):
 
 def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None):
     """Find the candidates of a finished run and write its top ones; returns (candidates, written, oof)."""
-    lookup(RANKINGS, rank_by, "ranking")
+    lookup(RANKINGS, rank_by, "--rank_by")  # checked before anything is read
     config, oof, data_dir = read_run(run_dir, data_dir)
     classes = config["classes"]
     probs = oof[[f"p{i}" for i in range(len(classes))]].to_numpy(float)
@@ -102,9 +102,10 @@ def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitParser(prog="label_issues.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
-    parser.add_argument("--top", type=int, default=50, help="how many candidates to write (0 = all)")
+    parser.add_argument("--top", type=in_range(int, 0), default=50, help="how many candidates to write (0 = all)")
     parser.add_argument("--rank_by", default="self_confidence", help=f"one of: {', '.join(RANKINGS)}")
     parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
     args = parser.parse_args()

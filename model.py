@@ -172,6 +172,18 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), config
 
 
+def pick_device(name="auto"):
+    """--device as a torch.device; auto is cuda when this machine has one. A name torch does not know
+    (gpu0) or a GPU this machine lacks is one line listing the valid names."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if name == "auto":
+        return torch.device("cuda" if gpus else "cpu")
+    valid = ["auto", "cpu", *(["cuda"] if gpus else []), *gpus]
+    if name not in valid:
+        raise UserError(f"--device {name} is not a device of this machine; valid: {', '.join(valid)}")
+    return torch.device(name)
+
+
 def amp_dtype(device, amp="auto"):
     """Autocast dtype: bf16 where the hardware runs it fast (recent GPUs, AVX512-BF16/AMX CPUs),
     fp16 on older GPUs, None (fp32) otherwise or with amp='off'."""

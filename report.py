@@ -27,7 +27,7 @@ import pandas as pd
 import seaborn as sns
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from common import UserError, atomic_write, run_main
+from common import KitParser, UserError, atomic_write, in_range, run_main
 from dataset import HEAD_NAMES, HEAD_SIZES, head_value_names, load_image, split_label
 from runs import read_config
 
@@ -257,7 +257,12 @@ def read_run(run_dir, data_dir=None):
     data_dir = Path(data_dir or config["data_dir"])
     if not data_dir.is_dir():
         raise UserError(f"image folder {data_dir} (from {Path(run_dir) / 'config.json'}) not found: pass --data_dir")
-    return config, collect_oof(run_dir), data_dir
+    oof = collect_oof(run_dir)
+    missing = [p for p in oof["path"] if not (data_dir / p).is_file()]
+    if missing:  # checked before any picture is drawn: no half-made report
+        raise UserError(f"{len(missing)} of the run's {len(oof)} images are not under {data_dir} (first: "
+                        f"{missing[0]}): pass --data_dir the folder the run trained on")
+    return config, oof, data_dir
 
 
 def read_log(run_dir):
@@ -289,10 +294,11 @@ def write_report(run_dir, data_dir=None, worst=24):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = KitParser(prog="report.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
     parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
-    parser.add_argument("--worst", type=int, default=24, help="how many worst predictions to show")
+    parser.add_argument("--worst", type=in_range(int, 0), default=24, help="how many worst predictions to show")
     args = parser.parse_args()
     config = read_run(args.model_dir, args.data_dir)[0]
     write_run_metrics(args.model_dir, config["classes"], config["layout"])

@@ -82,7 +82,7 @@ def test_ensemble_export_fed_by_preprocess_json_alone(tiny_run_dir, tmp_path, mo
 
 def test_bad_input_is_one_line_and_writes_nothing(tiny_run_dir, tmp_path, monkeypatch, capsys):
     cases = [(["--model_dir", tmp_path / "nothing"], "config.json not found"),
-             (["--model_dir", tiny_run_dir, "--format", "onnnx"], "unknown format 'onnnx'; did you mean onnx"),
+             (["--model_dir", tiny_run_dir, "--format", "onnnx"], "unknown --format 'onnnx'; did you mean onnx"),
              (["--model_dir", tiny_run_dir, "--fold", "7"], "no fold*/best.pth for folds [7]")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

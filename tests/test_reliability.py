@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,11 +21,18 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+import app  # noqa: E402
 import common  # noqa: E402
+import crop_faces  # noqa: E402
 import dataset  # noqa: E402
+import export  # noqa: E402
+import gradcam  # noqa: E402
 import inference  # noqa: E402
+import label_issues  # noqa: E402
+import report  # noqa: E402
 import train  # noqa: E402
 from common import UserError, run_main  # noqa: E402
 from dataset import mask_class_names  # noqa: E402
@@ -361,8 +369,9 @@ def foreign_checkpoint(name, model_name="test_resnet", num_classes=18, unfinish=
         config = json.loads((run_dir / "config.json").read_text())
         classes = [f"class{i}" for i in range(num_classes)] if num_classes != 18 else config["classes"]
         model = create_model(model_name, num_classes, pretrained=False)
-        torch.save({"model": model.state_dict(), "config": {**config, "model": model_name, "classes": classes}},
-                   run_dir / name)
+        resume_state = {"optimizer": {}} if unfinish else {}  # a last.pth carries one; only its origin is wrong
+        torch.save({"model": model.state_dict(), "config": {**config, "model": model_name, "classes": classes},
+                    **resume_state}, run_dir / name)
         if unfinish:
             (run_dir / name).with_name("oof.csv").unlink()
     return edit
@@ -420,11 +429,191 @@ BAD_INPUTS = {  # case: (script, its arguments made from the workspace w, expect
 }
 
 
+# ---- 5b. the matrix: every script, each kind of bad input ---------------------------------------------
+def a_file(w, name="taken"):
+    """A plain file where a folder is expected."""
+    (w.tmp / name).write_text("not a folder\n")
+    return w.tmp / name
+
+
+def a_folder(w, name="outdir"):
+    """A folder where a file is expected."""
+    (w.tmp / name).mkdir()
+    return w.tmp / name
+
+
+def read_only_folder(w):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = a_folder(w, "read_only")
+    folder.chmod(0o555)
+    return folder
+
+
+def corrupt_config(run_dir):
+    (run_dir / "config.json").write_text('{"classes": ["a", "b"], "model": ')  # cut off, as by a full disk
+
+
+def unfinished(run_dir):
+    for oof in run_dir.glob("fold*/oof.csv"):
+        oof.unlink()
+
+
+def duplicated_id(eval_dir):
+    edit_csv(eval_dir / "info.csv", lambda t: pd.concat([t, t.iloc[[3]]]))
+
+
+def broken_copy(w, source):
+    """A truncated copy of source, as an interrupted download leaves it."""
+    shutil.copy(source, w.tmp / "broken.jpg")
+    truncate(w.tmp / "broken.jpg")
+    return w.tmp / "broken.jpg"
+
+
+def eval_images(w, count=2):
+    return sorted((w.eval / "images").iterdir())[:count]
+
+
+def without_facenet(w):
+    w.patch.setitem(sys.modules, "facenet_pytorch", None)  # import then raises ImportError, as when not installed
+    return w.eval
+
+
+def busy_port(w):
+    """A port another program is listening on (closed when the case ends)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    w.held.append(server)
+    return server.getsockname()[1]
+
+
+def free_port(w):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serving(run_dir, w, *extra):
+    return ["--model_dir", run_dir, "--port", free_port(w), *extra]
+
+
+def config_text(w, text):
+    (w.tmp / "config.yaml").write_text(text)
+    return w.tmp / "config.yaml"
+
+
+BAD_INPUTS.update({
+    # train.py: numbers, config files, listed files, output folder, damaged run folder
+    "train --epochs 0": (train, lambda w: training(w.clean, w, "--epochs", 0), "--epochs: 0 must be >= 1"),
+    "train --epochs -3": (train, lambda w: training(w.clean, w, "--epochs", -3), "--epochs: -3 must be >= 1"),
+    "train --folds 0": (train, lambda w: training(w.clean, w, "--folds", 0), "--folds: 0 must be >= 1"),
+    "train --config with a YAML syntax error": (train, lambda w: training(w.clean, w, "--config", config_text(
+        w, "epochs: [1, 2\nlr: 0.1\n")), "config.yaml is not readable YAML"),
+    "train --config value of the wrong type": (train, lambda w: training(w.clean, w, "--config", config_text(
+        w, "epochs: ten\n")), "epochs: 'ten' is not what --epochs takes"),
+    "train --config file missing": (train, lambda w: training(w.clean, w, "--config", w.tmp / "nope.yaml"),
+                                    "nope.yaml not found: check --config"),
+    "train --drop_list missing": (train, lambda w: training(w.clean, w, "--drop_list", w.tmp / "drops.csv"),
+                                  "drops.csv not found: check --drop_list"),
+    "train --relabel_list missing": (train, lambda w: training(w.clean, w, "--relabel_list", w.tmp / "fix.csv"),
+                                     "fix.csv not found: check --relabel_list"),
+    "train --crop missing": (train, lambda w: training(w.clean, w, "--crop", w.tmp / "boxes.csv"),
+                             "boxes.csv not found: check --crop"),
+    "train --model_dir is a file": (train, lambda w: training(w.clean, w, "--model_dir", a_file(w)),
+                                    "cannot write"),
+    "train --resume with a corrupt config.json": (train, lambda w: ["--resume", run_copy(w, corrupt_config)],
+                                                  "config.json is not readable JSON"),
+    # inference.py
+    "inference on a corrupt config.json": (inference, lambda w: predicting(run_copy(w, corrupt_config), w),
+                                           "config.json is not readable JSON"),
+    "inference: info.csv with a duplicated id": (inference, lambda w: predicting(
+        w.run, w, w.edit_eval(duplicated_id)), "is listed more than once"),
+    "inference --submission missing": (inference, lambda w: [*predicting(w.run, w), "--submission",
+                                                             w.tmp / "sample_submission.csv"],
+                                       "sample_submission.csv not found: check --submission"),
+    "inference --crop missing": (inference, lambda w: [*predicting(w.run, w), "--crop", w.tmp / "boxes.csv"],
+                                 "boxes.csv not found: check --crop"),
+    "inference --output_dir is a file": (inference, lambda w: [*predicting(w.run, w), "--output_dir", a_file(w)],
+                                         "cannot write"),
+    "inference --output_dir read-only": (inference, lambda w: [*predicting(w.run, w), "--output_dir",
+                                                               read_only_folder(w)], "cannot write"),
+    "inference --batch_size 0": (inference, lambda w: [*predicting(w.run, w), "--batch_size", 0],
+                                 "--batch_size: 0 must be >= 1"),
+    "inference --folds 7 (no such fold)": (inference, lambda w: [*predicting(w.run, w), "--folds", 7],
+                                           "no fold*/best.pth for folds [7]"),
+    # dataset.py
+    "dataset --out names a folder": (dataset, lambda w: ["--data_dir", w.clean, "--out", a_folder(w)],
+                                     "cannot write"),
+    "dataset --folds 0": (dataset, lambda w: ["--data_dir", w.clean, "--folds", 0], "--folds: 0 must be >= 1"),
+    "dataset --data_dir missing": (dataset, lambda w: ["--data_dir", w.tmp / "nowhere"], "nowhere is not a folder"),
+    # report.py
+    "report on a corrupt config.json": (report, lambda w: ["--model_dir", run_copy(w, corrupt_config)],
+                                        "config.json is not readable JSON"),
+    "report --data_dir without the images": (report, lambda w: ["--model_dir", run_copy(w, lambda d: None),
+                                                                "--data_dir", a_folder(w, "empty")],
+                                             "are not under"),
+    "report --model_dir that is no run": (report, lambda w: ["--model_dir", w.tmp], "config.json not found"),
+    "report --worst -1": (report, lambda w: ["--model_dir", w.run, "--worst", -1], "--worst: -1 must be >= 0"),
+    # export.py
+    "export --format tflite": (export, lambda w: ["--model_dir", w.run, "--format", "tflite", "--out",
+                                                  w.tmp / "export"], "unknown --format 'tflite'"),
+    "export --fold 5 (no such fold)": (export, lambda w: ["--model_dir", w.run, "--fold", 5, "--out",
+                                                          w.tmp / "export"], "no fold*/best.pth for folds [5]"),
+    "export --out is a file": (export, lambda w: ["--model_dir", w.run, "--format", "torchscript", "--out",
+                                                  a_file(w)], "cannot write"),
+    "export on a corrupt config.json": (export, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
+                                                           w.tmp / "export"], "config.json is not readable JSON"),
+    # label_issues.py
+    "label_issues --rank_by loss": (label_issues, lambda w: ["--model_dir", w.run, "--rank_by", "loss"],
+                                    "unknown --rank_by 'loss'"),
+    "label_issues --data_dir without the images": (label_issues, lambda w: [
+        "--model_dir", run_copy(w, lambda d: None), "--data_dir", a_folder(w, "empty")], "are not under"),
+    "label_issues on a run with no finished fold": (label_issues, lambda w: ["--model_dir", run_copy(w, unfinished)],
+                                                    "no finished fold"),
+    "label_issues --top -1": (label_issues, lambda w: ["--model_dir", w.run, "--top", -1], "--top: -1 must be >= 0"),
+    # gradcam.py
+    "gradcam --device gpu0": (gradcam, lambda w: ["--model_dir", w.run, "--images", *eval_images(w), "--out",
+                                                  w.tmp / "cam", "--device", "gpu0"], "--device gpu0 is not a device"),
+    "gradcam: one unreadable image among --images": (gradcam, lambda w: [
+        "--model_dir", w.run, "--images", *eval_images(w), broken_copy(w, eval_images(w)[0]), "--out",
+        w.tmp / "cam", "--device", "cpu"], "broken.jpg"),
+    "gradcam: a missing --images file": (gradcam, lambda w: ["--model_dir", w.run, "--images", w.tmp / "gone.jpg",
+                                                             "--out", w.tmp / "cam"], "gone.jpg"),
+    "gradcam --fold 3 (no such fold)": (gradcam, lambda w: ["--model_dir", w.run, "--images", *eval_images(w),
+                                                            "--fold", 3, "--out", w.tmp / "cam"],
+                                        "no fold*/best.pth for folds [3]"),
+    "gradcam on a corrupt config.json": (gradcam, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
+                                                             w.tmp / "cam"], "config.json is not readable JSON"),
+    # crop_faces.py
+    "crop_faces --device gpu0": (crop_faces, lambda w: ["--data_dir", w.eval, "--out", w.tmp / "boxes.csv",
+                                                        "--device", "gpu0"], "--device gpu0 is not a device"),
+    "crop_faces without facenet-pytorch": (crop_faces, lambda w: ["--data_dir", without_facenet(w), "--out",
+                                                                  w.tmp / "boxes.csv"],
+                                           "pip install --no-deps facenet-pytorch==2.6.0"),
+    "crop_faces --submission missing": (crop_faces, lambda w: ["--data_dir", w.eval, "--submission",
+                                                               w.tmp / "sub.csv", "--out", w.tmp / "boxes.csv"],
+                                        "sub.csv not found: check --submission"),
+    "crop_faces --min_prob 2": (crop_faces, lambda w: ["--data_dir", w.eval, "--min_prob", 2, "--out",
+                                                       w.tmp / "boxes.csv"], "--min_prob: 2 must be >= 0 and <= 1"),
+    "crop_faces: info.csv with a duplicated id": (crop_faces, lambda w: [
+        "--data_dir", w.edit_eval(duplicated_id), "--out", w.tmp / "boxes.csv"], "is listed more than once"),
+    # app.py
+    "app --port 70000": (app, lambda w: ["--model_dir", w.run, "--port", 70000],
+                         "--port: 70000 must be >= 1 and <= 65535"),
+    "app on a busy port": (app, lambda w: ["--model_dir", w.run, "--port", busy_port(w)], "cannot serve on"),
+    "app --top 0": (app, lambda w: serving(w.run, w, "--top", 0), "--top: 0 must be >= 1"),
+    "app on a corrupt config.json": (app, lambda w: serving(run_copy(w, corrupt_config), w),
+                                     "config.json is not readable JSON"),
+    "app --model_dir that is no run": (app, lambda w: serving(w.tmp, w), "config.json not found"),
+})
+
+
 class Workspace:
     """Paths the table's argument makers build on; each case gets its own tmp folder."""
 
-    def __init__(self, tmp, clean, run):
-        self.tmp, self.clean, self.run = tmp, clean, run
+    def __init__(self, tmp, clean, run, patch):
+        self.tmp, self.clean, self.run, self.patch, self.held = tmp, clean, run, patch, []
         self.eval = copy_eval(tmp / "eval")
 
     def edit_eval(self, edit):
@@ -435,11 +624,16 @@ class Workspace:
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_with_no_output(case, tmp_path, clean_data, reference_run, monkeypatch, capsys):
     module, make_args, expected = BAD_INPUTS[case]
-    argv = make_args(Workspace(tmp_path, clean_data, reference_run))
+    w = Workspace(tmp_path, clean_data, reference_run, monkeypatch)
+    argv = make_args(w)
     before = snapshot(tmp_path, reference_run)
-    code, err = cli(monkeypatch, capsys, module, argv)
-    print(f"{case}: {err.strip()}")  # the report quotes these lines (pytest -s)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    try:
+        code, err = cli(monkeypatch, capsys, module, argv)
+    finally:
+        for held in w.held:
+            held.close()
+    print(f"{module.__name__}.py | {case}: {err.strip()}")  # the report quotes these lines (pytest -s)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert expected in err
     assert snapshot(tmp_path, reference_run) == before, "a file was written or changed"
 
@@ -454,3 +648,117 @@ def test_train_cli_error_is_one_line_on_stderr(tmp_path, clean_data):
 def test_unknown_command_line_argument_is_refused(clean_data, monkeypatch, capsys):
     code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, "--learnig_rate", "0.1"])
     assert code == 2 and "unrecognized arguments: --learnig_rate" in err and "Traceback" not in err
+
+
+def test_outputs_of_one_step_are_renamed_together_or_not_at_all(tmp_path):
+    """probs.csv and output.csv: a failure while writing the second leaves the old pair, not a mismatched one."""
+    for name in ("probs.csv", "output.csv"):
+        (tmp_path / name).write_text("old\n")
+
+    def full_disk(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(UserError, match="output.csv.*No space left"):
+        common.atomic_write_all({tmp_path / "probs.csv": lambda tmp: Path(tmp).write_text("new\n"),
+                                 tmp_path / "output.csv": full_disk})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output.csv", "probs.csv"]
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"old\n"}
+
+
+# ---- 6. valid but awkward inputs work ------------------------------------------------------------
+AWKWARD = "사진 폴더"  # a folder name with a space and Korean letters
+
+
+def sixteen_bit_png(photo, dest):
+    """The photo's grey levels as a 16-bit PNG (mode I;16): 8-bit value v stored as v * 257."""
+    Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257).save(dest.with_suffix(".png"))
+    return dest.with_suffix(".png")
+
+
+def palette_png(photo, dest):
+    photo.convert("P", palette=Image.Palette.ADAPTIVE).save(dest.with_suffix(".png"))
+    return dest.with_suffix(".png")
+
+
+def cmyk_jpeg(photo, dest):
+    photo.convert("CMYK").save(dest, quality=95)
+    return dest
+
+
+def grey_jpeg(photo, dest):
+    photo.convert("L").save(dest, quality=95)
+    return dest
+
+
+def exif_rotated_jpeg(photo, dest):
+    """Stored turned a quarter left, with EXIF orientation 6 (turn right to show), as phones save photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.transpose(Image.Transpose.ROTATE_90).save(dest, quality=95, exif=exif)
+    return dest
+
+
+# kind: (writer, what load_image must show: the photo as RGB or its grey, mean |difference| allowed)
+AWKWARD_IMAGES = {"16-bit PNG": (sixteen_bit_png, "grey", 0.5), "palette PNG": (palette_png, "rgb", 12),
+                  "CMYK JPEG": (cmyk_jpeg, "rgb", 12), "grayscale JPEG": (grey_jpeg, "grey", 6),
+                  "EXIF-rotated JPEG": (exif_rotated_jpeg, "rgb", 8)}
+
+
+def make_awkward(kind, source, dest):
+    """Replace source by dest written as kind; returns (new file, mean |difference| from what it shows)."""
+    writer, shown, _ = AWKWARD_IMAGES[kind]
+    with Image.open(source) as photo:
+        photo = photo.convert("RGB")
+    written = writer(photo, dest)
+    if written != source:
+        source.unlink()
+    want = photo.convert("L").convert("RGB") if shown == "grey" else photo
+    got = dataset.load_image(written)
+    assert got.size == want.size, kind
+    return written, float(np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean())
+
+
+def predict_ok(monkeypatch, run_dir, eval_dir, out, *extra):
+    monkeypatch.setattr(sys, "argv", ["inference.py", "--data_dir", str(eval_dir), "--model_dir", str(run_dir),
+                                      "--output_dir", str(out), "--num_workers", "0", *map(str, extra)])
+    inference.main()
+    return pd.read_csv(out / "output.csv", dtype=str, keep_default_na=False)
+
+
+@pytest.mark.parametrize("kind", AWKWARD_IMAGES)
+def test_awkward_test_image_in_a_korean_folder_is_predicted(kind, tmp_path, reference_run, monkeypatch):
+    eval_dir = copy_eval(tmp_path / AWKWARD / "평가 데이터", images=8)
+    first = eval_dir / "images" / pd.read_csv(eval_dir / "info.csv")["ImageID"][0]
+    written, difference = make_awkward(kind, first, first)
+    edit_csv(eval_dir / "info.csv", lambda t: t.replace({"ImageID": {first.name: written.name}}))
+    output = predict_ok(monkeypatch, reference_run, eval_dir, tmp_path / AWKWARD / "결과")
+    print(f"works | {kind} in '{eval_dir.relative_to(tmp_path)}': decoded {difference:.2f} grey levels "
+          f"from the original, {len(output)} predictions")
+    assert difference <= AWKWARD_IMAGES[kind][2], kind
+    info = pd.read_csv(eval_dir / "info.csv", dtype=str, keep_default_na=False)
+    assert output["ImageID"].tolist() == info["ImageID"].tolist() and output["ans"].str.isdigit().all()
+
+
+def test_training_on_awkward_images_in_a_korean_folder_then_a_sample_submission(tmp_path, clean_data,
+                                                                                monkeypatch):
+    """Every awkward kind among one person's photos, in a folder with spaces and Korean letters; then
+    inference.py --submission with a sample-submission CSV whose ids have no extension."""
+    data_dir = copy_people(tmp_path / AWKWARD / "학습 데이터", people=4)
+    person = sorted((data_dir / "images").iterdir())[0]
+    for kind, stem in zip(AWKWARD_IMAGES, ("mask1", "mask2", "mask3", "mask4", "mask5")):
+        make_awkward(kind, person / f"{stem}.jpg", person / f"{stem}.jpg")
+    models = tmp_path / AWKWARD / "모델"
+    train.main(map(str, ["--data_dir", data_dir, *TINY, "--epochs", 1, "--num_workers", 0, "--model_dir", models,
+                         "--name", "run 1"]))
+    oof = read_oof(models / "run 1" / "oof.csv")
+    assert len(oof) == 28 and oof["path"].str.endswith(".png").sum() == 2
+    eval_dir = copy_eval(tmp_path / AWKWARD / "평가 데이터", images=8)
+    ids = [Path(name).stem for name in pd.read_csv(eval_dir / "info.csv")["ImageID"]]
+    (eval_dir / "info.csv").unlink()
+    pd.DataFrame({"id": ids, "answer": ""}).to_csv(eval_dir / "sample_submission.csv", index=False)
+    output = predict_ok(monkeypatch, models / "run 1", eval_dir, tmp_path / AWKWARD / "결과", "--submission",
+                        eval_dir / "sample_submission.csv")
+    print(f"works | training in '{data_dir.relative_to(tmp_path)}' on {', '.join(AWKWARD_IMAGES)}; "
+          f"--submission sample_submission.csv: {len(output)} rows, columns {list(output.columns)}")
+    assert list(output.columns) == ["id", "answer"] and output["id"].tolist() == ids
+    assert output["answer"].str.isdigit().all()
