@@ -389,6 +389,14 @@ def read_test_table(data_dir, submission=None):
 PSEUDO_FOLD = -2  # pseudo-labelled test images: in every fold's training set, never validated
 
 
+def with_pseudo_labels(table, notes, classes, probs_csv, test_dir, threshold):
+    """(table, notes) with the confidently predicted test images of probs_csv (read_pseudo_labels) added."""
+    pseudo = read_pseudo_labels(probs_csv, test_dir, classes, threshold)
+    notes = notes + [f"pseudo-labels: {len(pseudo)} test images of {test_dir} join every fold's training set "
+                     f"(predicted with p >= {threshold}; listed in pseudo_labels.csv)"]
+    return pd.concat([table, pseudo[table.columns]], ignore_index=True), notes
+
+
 def read_pseudo_labels(probs_csv, test_dir, classes, threshold):
     """Test images whose predicted class (inference.py's probs.csv: id, p0..p{C-1}) is at least threshold
     probable, as table rows (absolute path, label = that class, fold PSEUDO_FOLD) with their confidence."""
@@ -448,6 +456,17 @@ def check_image(path):
         return None
     except DECODE_ERRORS as err:
         return f"{type(err).__name__}: {err}"
+
+
+def without_unreadable(table, data_dir, bad, skip):
+    """(table, bad as (relative path, reason)): unreadable images (find_bad_images) stop the run, or with skip
+    are dropped."""
+    if bad and not skip:
+        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
+                        + " — replace them or pass --skip_bad_images")
+    bad_files = {p for p, _ in bad}
+    keep = [str(Path(data_dir) / p) not in bad_files for p in table["path"]]
+    return table[keep].reset_index(drop=True), [(os.path.relpath(p, data_dir), r) for p, r in bad]
 
 
 def find_bad_images(paths, workers=None):

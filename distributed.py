@@ -18,6 +18,14 @@ from common import UserError, atomic_write
 from runs import finish_run, load_last
 
 
+def check_launch(args):
+    """Settings that do not work under torchrun fail before anything starts."""
+    if args.sampler == "weighted" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--sampler weighted is not supported with torchrun; use --criterion weighted_ce")
+    if args.fold_per_device and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError("--fold_per_device starts its own processes: run it with python, not torchrun")
+
+
 def setup_distributed():
     """(rank, world size, device) from torchrun's environment, or a single process."""
     world = int(os.environ.get("WORLD_SIZE", 1))

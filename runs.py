@@ -10,6 +10,7 @@
 model_dir/NAME/: config.json, folds.csv, fold{i}/{best,last}.pth, fold{i}/oof.csv (marks the fold finished),
 oof.csv, metrics.json, log.csv, tb/ (TensorBoard), report.html and its PNGs, bad_images.csv.
 """
+import argparse
 import json
 import os
 import platform
@@ -86,6 +87,21 @@ def start_run(run_dir, config, table, bad):
     if bad:
         atomic_write(Path(run_dir) / "bad_images.csv",
                      lambda tmp: pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp, index=False))
+
+
+def resume_settings(args, given, safe):
+    """(settings, table) of the run folder named by args.resume: its own settings, plus those of the names given
+    on the command line that are safe to change; any other given setting that differs is refused."""
+    saved = read_config(args.resume, "--resume takes a run folder made by train.py")
+    if args.config:
+        raise UserError("--resume takes the run's own settings, not a --config file: name the safe flags instead")
+    refused = sorted(k for k in given - {"resume", "config", *safe} if saved.get(k) != vars(args)[k])
+    if refused:
+        raise UserError(f"--resume keeps the run's settings; {', '.join('--' + k for k in refused)} cannot change "
+                        f"(only {', '.join('--' + k for k in safe)} can): start a new run instead")
+    settings = {**saved, **{k: vars(args)[k] for k in given & set(safe)}, "resume": str(args.resume),
+                "run_dir": str(args.resume)}
+    return argparse.Namespace(**settings), read_folds(args.resume)
 
 
 def read_folds(run_dir):

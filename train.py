@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import f1_score
 from timm.data import Mixup
@@ -36,8 +35,9 @@ import runs
 import speed
 from common import KitParser, UserError, given_names, in_range, lookup, read_settings_file, run_main
 from dataset import (ImageDataset, add_data_args, build_transform, find_bad_images, read_boxes, resizes_first,
-                     read_pseudo_labels, summarize, table_from_args, training_labels)
-from distributed import finish_distributed, from_rank0, gather_predictions, launch_fold_per_device, setup_distributed
+                     summarize, table_from_args, training_labels, with_pseudo_labels, without_unreadable)
+from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
+                         setup_distributed)
 from loss import create_criterion
 from model import (amp_dtype, autocast, check_input_size, create_model, data_config, param_groups, predict_probs,
                    to_device, to_probs)
@@ -91,7 +91,8 @@ def build_parser():
     opt.add_argument("--lr_decay_step", type=in_range(int, 1), default=20, help="epochs between lr halvings (step)")
     opt.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted: balance classes")
     opt.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights")
-    opt.add_argument("--ema_decay", type=in_range(float, 0, 1, True, True), default=0.998, help="EMA decay per step")
+    opt.add_argument("--ema_decay", type=in_range(float, 0, 1, True, True), default=0.998,
+                     help="EMA decay per update, reached after a warm-up (1 - (1 + update) ** -2/3 until then)")
     opt.add_argument("--patience", type=in_range(int, 0), default=0, help="stop a fold after this many epochs without gain")
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--augmentation", default="flip", help="base, flip, strong, randaugment, trivialaugment")
@@ -136,10 +137,7 @@ def parse_args(argv=None):
         raise UserError(f"--mixup/--cutmix pair each image with another: use an even --batch_size, not {args.batch_size}")
     if args.resize and len(args.resize) > 2:
         raise UserError("--resize takes H or H W")
-    if args.sampler == "weighted" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("--sampler weighted is not supported with torchrun; use --criterion weighted_ce")
-    if args.fold_per_device and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("--fold_per_device starts its own processes: run it with python, not torchrun")
+    check_launch(args)
     return args
 
 
@@ -179,10 +177,8 @@ def run_settings(args, run_dir):
     cfg = argparse.Namespace(**runs.make_config(vars(args), classes, layout, model_config, run_dir))
     check_args(cfg, table)
     if cfg.pseudo_labels:
-        pseudo = read_pseudo_labels(cfg.pseudo_labels, cfg.pseudo_dir, classes, cfg.pseudo_threshold)
-        notes = notes + [f"pseudo-labels: {len(pseudo)} test images of {cfg.pseudo_dir} join every fold's training "
-                         f"set (predicted with p >= {cfg.pseudo_threshold}; listed in pseudo_labels.csv)"]
-        table = pd.concat([table, pseudo[table.columns]], ignore_index=True)
+        table, notes = with_pseudo_labels(table, notes, classes, cfg.pseudo_labels, cfg.pseudo_dir,
+                                          cfg.pseudo_threshold)
     return cfg, table, notes
 
 
@@ -190,37 +186,12 @@ def new_run(args, rank):
     """(settings, table) of a new run, its folder started with config.json and folds.csv."""
     run_dir = from_rank0(runs.increment_path(Path(args.model_dir) / args.name) if rank == 0 else None)
     cfg, table, notes = run_settings(args, run_dir)
-    table, bad = drop_unreadable(table, cfg, rank)
+    bad = from_rank0(find_bad_images([str(Path(cfg.data_dir) / p) for p in table["path"]]) if rank == 0 else [])
+    table, bad = without_unreadable(table, cfg.data_dir, bad, cfg.skip_bad_images)
     if rank == 0:
         print(f"layout: {cfg.layout}\n{summarize(table, cfg.classes, notes)}\nrun folder: {run_dir}")
         runs.start_run(run_dir, vars(cfg), table, bad)
     return cfg, table
-
-
-def resumed_run(args, given):
-    """(settings, table) of the run folder named by --resume: its own settings, plus the safe ones given."""
-    saved = runs.read_config(args.resume, "--resume takes a run folder made by train.py")
-    if args.config:
-        raise UserError("--resume takes the run's own settings, not a --config file: name the safe flags instead")
-    refused = sorted(k for k in given - {"resume", "config", *SAFE_ON_RESUME} if saved.get(k) != vars(args)[k])
-    if refused:
-        raise UserError(f"--resume keeps the run's settings; {', '.join('--' + k for k in refused)} cannot change "
-                        f"(only {', '.join('--' + k for k in SAFE_ON_RESUME)} can): start a new run instead")
-    cfg = argparse.Namespace(**{**saved, **{k: vars(args)[k] for k in given & set(SAFE_ON_RESUME)},
-                                "resume": str(args.resume), "run_dir": str(args.resume)})
-    check_args(cfg, runs.read_folds(args.resume))
-    return cfg, runs.read_folds(args.resume)
-
-
-def drop_unreadable(table, cfg, rank):
-    """Unreadable images stop the run, or are dropped and listed with --skip_bad_images."""
-    bad = from_rank0(find_bad_images([str(Path(cfg.data_dir) / p) for p in table["path"]]) if rank == 0 else [])
-    if bad and not cfg.skip_bad_images:
-        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
-                        + " — replace them or pass --skip_bad_images")
-    bad_files = {p for p, _ in bad}
-    keep = [str(Path(cfg.data_dir) / p) not in bad_files for p in table["path"]]
-    return table[keep].reset_index(drop=True), [(os.path.relpath(p, cfg.data_dir), r) for p, r in bad]
 
 
 def main(argv=None):
@@ -228,7 +199,11 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     seed_everything(args.seed)
-    cfg, table = resumed_run(args, given_names(build_parser, argv)) if args.resume else new_run(args, rank)
+    if args.resume:
+        cfg, table = runs.resume_settings(args, given_names(build_parser, argv), SAFE_ON_RESUME)
+        check_args(cfg, table)
+    else:
+        cfg, table = new_run(args, rank)
     run_dir = Path(cfg.run_dir)
     folds = [cfg.fold] if cfg.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
     if cfg.fold_per_device and torch.cuda.device_count() > 1 and cfg.fold is None:
@@ -338,7 +313,8 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
     return Fold(model, net, optimizer, scheduler,
                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16),
                 make_criterion(cfg, len(cfg.classes), training_labels(train_rows, cfg.train_age_bounds)).to(device),
-                ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None, mixup, updates_per_epoch,
+                # warm-up: the average follows the model early on, else a few hundred updates stay near the init
+                ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None, mixup, updates_per_epoch,
                 [str(Path(cfg.data_dir) / p) for p in train_rows["path"]])
 
 
@@ -427,7 +403,7 @@ def optimizer_step(t, update):
     t.scaler.update()
     t.optimizer.zero_grad(set_to_none=True)
     if t.ema is not None:
-        t.ema.update(t.model)
+        t.ema.update(t.model, step=update)
     if t.scheduler is not None:
         t.scheduler.step_update(update)
 
