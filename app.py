@@ -7,8 +7,9 @@
 The run's fold ensemble is loaded once at start (inference.load_run); each upload is resized like
 inference.py does and answered with the top classes and their probabilities and, for the mask layout,
 the three attributes: mask, gender and age group, each the 18 class probabilities summed over the other
-two. --review serves review.py's pages instead (no model loaded: they read the run's oof.csv). Built on Flask (small, long-maintained; the page is plain server-rendered HTML, no JavaScript, nothing
-fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
+two. --review serves review.py's pages instead (no model loaded: they read the run's oof.csv).
+Built on Flask (small, long-maintained; the demo page is plain server-rendered HTML, no JavaScript; the
+review page adds a few lines for its keys; nothing is fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
 """
 import argparse
 import base64

@@ -116,7 +116,8 @@ def issues_from_file(issues_file, oof, classes):
     if not labels.map(lambda v: v.isdigit() and int(v) < len(classes)).all(axis=None):
         raise UserError(f"{issues_file}: given_label and suggested_label must be class numbers 0..{len(classes) - 1}; "
                         "pass a label_issues.csv written by label_issues.py for this run")
-    table = table.assign(given_label=labels["given_label"].astype(int), suggested_label=labels["suggested_label"].astype(int))
+    table = table.assign(given_label=labels["given_label"].astype(int),
+                         suggested_label=labels["suggested_label"].astype(int))
     given = oof.set_index("path")["label"]
     foreign = table[~table["path"].isin(given.index)]
     if foreign.empty:
@@ -177,7 +178,8 @@ def suspect_view(rank, suspects, oof, classes, decisions):
     order = np.argsort(-probs, kind="stable")[:TOP_SHOWN]
     person = oof[oof["profile"] == oof_row["profile"]].sort_values("path")
     return {"rank": rank, "total": len(suspects), "path": row["path"], "profile": oof_row["profile"],
-            "given": classes[int(oof_row["label"])], "given_prob": probs[int(oof_row["label"])], "top": [(classes[i], float(probs[i])) for i in order],
+            "given": classes[int(oof_row["label"])], "given_prob": probs[int(oof_row["label"])],
+            "top": [(classes[i], float(probs[i])) for i in order],
             "classes": classes, "decision_text": decision_text(decisions.get(row["path"])),
             "person": [(p, classes[int(label)]) for p, label in zip(person["path"], person["label"])]}
 
