@@ -42,8 +42,8 @@ PAGE = """<!doctype html>
  table { border-collapse: collapse; } td, th { padding: 2px 8px; text-align: left; white-space: nowrap; }
  tr.given td { background: #fde2e2; } form { display: inline; margin: 0; }
  button { margin: 2px 0; font-size: 0.95em; } .decision { font-size: 1.15em; font-weight: bold; color: #05703a; }
- .person { display: flex; gap: 6px; flex-wrap: wrap; max-width: 320px; } h3 { margin: 0 0 0.5em; }
- .person figure { margin: 0; width: 100px; font-size: 0.75em; text-align: center; overflow-wrap: anywhere; }
+ .person { display: flex; gap: 6px; flex-wrap: wrap; max-width: 345px; } h3 { margin: 0 0 0.5em; }
+ .person figure { margin: 0; width: 110px; font-size: 0.72em; text-align: center; overflow-wrap: break-word; }
  .person img { height: 100px; border: 1px solid #ccc; } .person .this img { border: 3px solid #d62728; }
  #error { color: #b00; font-weight: bold; } kbd { border: 1px solid #999; border-radius: 3px; padding: 0 3px; }
 </style></head><body>
