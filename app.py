@@ -2,12 +2,14 @@
 
     python app.py --model_dir model/exp                       # then open http://127.0.0.1:7860
     python app.py --model_dir model/exp --host 0.0.0.0 --port 8080   # reachable from other machines
+    python app.py --model_dir model/exp --review              # keep/relabel/drop the run's label-issue suspects
 
 The run's fold ensemble is loaded once at start (inference.load_run); each upload is resized like
 inference.py does and answered with the top classes and their probabilities and, for the mask layout,
 the three attributes: mask, gender and age group, each the 18 class probabilities summed over the other
-two. Built on Flask (small, long-maintained; the page is plain server-rendered HTML, no JavaScript, nothing
-fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
+two. --review serves review.py's pages instead (no model loaded: they read the run's oof.csv).
+Built on Flask (small, long-maintained; the demo page is plain server-rendered HTML, no JavaScript; the
+review page adds a few lines for its keys; nothing is fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
 """
 import argparse
 import base64
@@ -60,6 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
     p.add_argument("--port", type=in_range(int, 1, 65535), default=7860, help="port to serve on")
     p.add_argument("--top", type=in_range(int, 1), default=5, help="how many classes to list")
+    p.add_argument("--review", action="store_true", help="review the run's label-issue suspects (review.py) "
+                   "and write review_drop.csv / review_relabel.csv for train.py")
+    p.add_argument("--issues", default=None, help="with --review: a label_issues.csv of this run to review, in its "
+                   "order (default: every suspect of the run's oof.csv)")
     return p.parse_args(argv)
 
 
@@ -127,6 +133,11 @@ def check_port(host, port):
 def main():
     args = parse_args()
     check_port(args.host, args.port)
+    if args.review:
+        from review import create_review_app  # imported here: the demo needs none of it
+        print(f"reviewing {args.model_dir}'s suspects; open http://{args.host}:{args.port}", flush=True)
+        create_review_app(args.model_dir, args.issues).run(host=args.host, port=args.port)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, config = load_run(args.model_dir, which=args.checkpoint, device=device)
     print(f"loaded {len(models)} fold model(s) from {args.model_dir}; open http://{args.host}:{args.port}",

@@ -6,10 +6,14 @@
 
 Every fold's best.pth (or --folds, --checkpoint last) is run on each decoded batch and the probabilities
 averaged (soft voting). OUTPUT/output.csv has info.csv's (or the sample submission's) columns and row
-order with the answer filled; OUTPUT/probs.csv holds the averaged probabilities for later blending.
+order with the answer filled; OUTPUT/probs.csv holds the averaged probabilities for later blending;
+OUTPUT/output_manifest.json names what made them (runs, folds, checkpoint, TTA, time, output.csv's sha256),
+so a leaderboard score can be traced back to its runs (python compare.py --outputs OUTPUT lists them).
 """
 import argparse
+import hashlib
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from torch.utils.data import DataLoader
 from common import KitParser, UserError, atomic_write_all, in_range, run_main
 from dataset import ImageDataset, build_transform, find_bad_images, read_boxes, read_csv_checked, read_test_table
 from model import load_checkpoint, predict_probs
-from runs import check_same_run, read_config
+from runs import check_same_run, read_config, write_json
 
 
 def parse_args(argv=None):
@@ -141,6 +145,17 @@ def write_outputs(output_dir, template, config, probs, submission=None):
     return frame
 
 
+def write_manifest(output_dir, args, n_models):
+    """output_manifest.json, written right after output.csv: its sha256 tells whether output.csv changed since."""
+    output = Path(output_dir) / "output.csv"
+    write_json(Path(output_dir) / "output_manifest.json", {
+        "output": output.name, "sha256": hashlib.sha256(output.read_bytes()).hexdigest(),
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dirs": [str(Path(d).resolve()) for d in args.model_dir], "folds": args.folds or "all",
+        "models": n_models, "checkpoint": args.checkpoint, "tta": args.tta, "crop": args.crop,
+        "data_dir": str(args.data_dir), "decision": None})  # inference.py applies no decision.json (yet)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +171,7 @@ def main(argv=None):
     probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
                 for config, models in decoding_groups(runs)) / n_models
     frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path)
+    write_manifest(args.output_dir, args, n_models)
     counts = frame.iloc[:, 1].value_counts().sort_index()
     print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''} -> "
           f"{Path(args.output_dir) / 'output.csv'}\nanswer counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -1,5 +1,6 @@
 """app.py: a real headless Chromium uploads a sample photo to the demo page served on localhost and reads
 the model's top class off the page; the Flask test client checks the attributes and a bad upload."""
+import contextlib
 import html
 import io
 import os
@@ -25,8 +26,7 @@ from model import to_probs  # noqa: E402
 
 SAMPLE_IMAGES = sorted((ROOT / "sample" / "eval" / "images").glob("[!.]*.jpg"))
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=900,1000"]
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def direct_probs(run_dir, files):
@@ -59,11 +59,11 @@ def free_port():
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run_dir):
-    """app.py serving the tiny run on a free localhost port, in its own process."""
+@contextlib.contextmanager
+def serving(app_args):
+    """python app.py APP_ARGS on a free localhost port, in its own process: yields its URL."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", "--model_dir", str(tiny_run_dir), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "app.py", *app_args, "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
     while True:
@@ -75,14 +75,32 @@ def server(tiny_run_dir):
                 process.kill()
                 pytest.fail(f"app.py did not come up: {process.stdout.read()[-2000:]}")
             time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=20)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def headless_chromium(tmp_path, window="900,1000"):
+    """selenium's Chrome driving Debian's headless chromium (or a skip where it is missing)."""
+    chromium, chromedriver, webdriver = browser_or_skip()
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROME_FLAGS + [f"--window-size={window}", f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(chromedriver))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run_dir):
+    """app.py serving the tiny run."""
+    with serving(["--model_dir", str(tiny_run_dir)]) as url:
+        yield url
 
 
 def test_browser_upload_shows_the_models_top_class(server, tiny_run_dir, tmp_path):
-    chromium, chromedriver, webdriver = browser_or_skip()
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -90,11 +108,7 @@ def test_browser_upload_shows_the_models_top_class(server, tiny_run_dir, tmp_pat
     top_two = np.sort(probs, 1)[:, -2:]
     photo = SAMPLE_IMAGES[int(np.argmax(top_two[:, 1] - top_two[:, 0]))]  # the clearest answer: no near-tie
     expected = config["classes"][int(probs[SAMPLE_IMAGES.index(photo)].argmax())]
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"]:
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(chromedriver))
+    browser = headless_chromium(tmp_path)
     try:
         browser.get(server)
         browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(photo))
