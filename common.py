@@ -89,6 +89,14 @@ def in_range(kind, low=None, high=None, low_open=False, high_open=False):
     return convert
 
 
+def float_list(text):
+    """An argparse type: '0.7,0.3' -> [0.7, 0.3]."""
+    try:
+        return [float(v) for v in str(text).split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers like 0.7,0.3") from None
+
+
 def read_settings_file(path, parser):
     """Argument defaults from a YAML or JSON file (--config), each value checked by its argument's own type
     and choices, so a file is held to the same rules as the command line."""
@@ -115,7 +123,8 @@ def checked_setting(path, action, value):
             raise UserError(f"{path}: {action.dest}: {value!r} must be true or false")
         return value
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    words = value if many and isinstance(value, list) else [value]
+    listed = isinstance(value, list)
+    words = value if many and listed else [",".join(map(str, value)) if listed else value]  # [0.7, 0.3] -> 0.7,0.3
     try:
         converted = [(action.type or str)(str(w)) for w in words]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as err:

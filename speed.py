@@ -12,6 +12,7 @@
 - Frozen-backbone feature cache: with --freeze_backbone the backbone runs once per image and the epochs
   train the head on stored features.
 """
+import argparse
 import atexit
 import hashlib
 import os
@@ -28,10 +29,24 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, in_range
 from dataset import (DECODE_ERRORS, build_transform, interpolation_mode, load_image, read_boxes, resize_ops,
                      resizes_first)
 from model import predict_probs
+
+
+def add_speed_args(group):
+    """The speed settings of train.py (an argparse group): workers, image cache, feature cache."""
+    group.add_argument("--num_workers", type=in_range(int, -1), default=-1, help="data loader processes, kept across epochs "
+                       "(-1: none on a CPU, where the model needs every core; up to 8 per GPU)")
+    group.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "none"],
+                       help="keep decoded images at input size: memory (RAM, this run only), disk (--cache_dir, "
+                            "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
+    group.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
+    group.add_argument("--feature_cache", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --freeze_backbone: compute the backbone's features once per image (and its mirror "
+                            "for --augmentation flip), then train the head on them; other augmentations, mixup, "
+                            "EMA, --compile and torchrun run the full model every epoch")
 
 
 # ---- decoded-image cache ----------------------------------------------------------------------------

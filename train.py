@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import runs
 import speed
-from common import KitParser, UserError, given_names, in_range, lookup, read_settings_file, run_main
+from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
 from dataset import (ImageDataset, add_data_args, build_transform, find_bad_images, read_boxes, resizes_first,
                      summarize, table_from_args, training_labels, with_pseudo_labels, without_unreadable)
 from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
@@ -42,10 +42,9 @@ from loss import create_criterion
 from model import (amp_dtype, autocast, check_input_size, create_model, data_config, param_groups, predict_probs,
                    to_device, to_probs)
 
-OPTIMIZERS = {"sgd": lambda groups, lr, wd: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True,
-                                                            weight_decay=wd),
-              "adam": lambda groups, lr, wd: torch.optim.Adam(groups, lr=lr, weight_decay=wd),
-              "adamw": lambda groups, lr, wd: torch.optim.AdamW(groups, lr=lr, weight_decay=wd)}
+OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+              "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
+              "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)}  # p: param_groups()
 SCHEDULERS = {"cosine": "cosine", "step": "step", "plateau": "plateau", "none": None}  # ours -> timm's
 # what --resume may change: how long and how fast, never what is learned from what
 SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_dir", "log_interval", "report",
@@ -61,7 +60,7 @@ def build_parser():
     add_data_args(data)
     data.add_argument("--dataset", dest="layout", help="alias of --layout (the baseline's name)")
     data.add_argument("--crop", default=None, help="boxes CSV from crop_faces.py: train on the crops")
-    data.add_argument("--crop_margin", type=in_range(float, 0), default=0.2, help="box widened by this share of its size")
+    data.add_argument("--crop_margin", type=in_range(float, 0), default=0.2, help="box widened by this share")
     data.add_argument("--skip_bad_images", action="store_true", help="drop unreadable images instead of stopping")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tf_efficientnet_lite0", help="any timm.list_models() name")
@@ -70,13 +69,13 @@ def build_parser():
     model.add_argument("--head", default="auto", choices=["auto", "single", "multi"],
                        help="single (C-way), multi (mask 3 + gender 2 + age 3 logits), auto: multi for the mask "
                             "layout (measured better there), else single")
-    model.add_argument("--resize", type=in_range(int, 1), nargs="+", default=None, help="input H [W]; default: the model's")
+    model.add_argument("--resize", type=in_range(int, 1), nargs="+", help="input H [W] (default: the model's)")
     model.add_argument("--freeze_backbone", action="store_true", help="train the head only")
     loss = p.add_argument_group("loss")
     loss.add_argument("--criterion", default="ce", help="ce, label_smoothing, focal, f1, weighted_ce or a+b")
-    loss.add_argument("--criterion_weights", default=None, help="weights of a+b criteria, e.g. 0.7,0.3")
-    loss.add_argument("--head_weights", default=None, help="multi head: loss weights of mask,gender,age")
-    loss.add_argument("--smoothing", type=in_range(float, 0, 1, high_open=True), default=0.1, help="label_smoothing amount")
+    loss.add_argument("--criterion_weights", type=float_list, default=None, help="weights of a+b criteria: 0.7,0.3")
+    loss.add_argument("--head_weights", type=float_list, default=None, help="multi head: weights of mask,gender,age")
+    loss.add_argument("--smoothing", type=in_range(float, 0, 1, high_open=True), default=0.1, help="label smoothing")
     loss.add_argument("--focal_gamma", type=in_range(float, 0), default=2.0, help="focal loss gamma")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=in_range(int, 1), default=10, help="epochs per fold")
@@ -93,11 +92,11 @@ def build_parser():
     opt.add_argument("--ema", action="store_true", help="evaluate and save an EMA of the weights")
     opt.add_argument("--ema_decay", type=in_range(float, 0, 1, True, True), default=0.998,
                      help="EMA decay per update, reached after a warm-up (1 - (1 + update) ** -2/3 until then)")
-    opt.add_argument("--patience", type=in_range(int, 0), default=0, help="stop a fold after this many epochs without gain")
+    opt.add_argument("--patience", type=in_range(int, 0), default=0, help="stop a fold after N epochs without gain")
     aug = p.add_argument_group("augmentation")
     aug.add_argument("--augmentation", default="flip", help="base, flip, strong, randaugment, trivialaugment")
-    aug.add_argument("--mixup", type=in_range(float, 0), default=0.0, help="mixup alpha (0 = off; needs an even --batch_size)")
-    aug.add_argument("--cutmix", type=in_range(float, 0), default=0.0, help="cutmix alpha (0 = off; needs an even --batch_size)")
+    aug.add_argument("--mixup", type=in_range(float, 0), default=0.0, help="mixup alpha (0 = off; even --batch_size)")
+    aug.add_argument("--cutmix", type=in_range(float, 0), default=0.0, help="cutmix alpha (0 = off; even --batch_size)")
     run = p.add_argument_group("run and system")
     run.add_argument("--model_dir", default=env("SM_MODEL_DIR", "model"), help="where run folders are made")
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... if taken)")
@@ -107,17 +106,8 @@ def build_parser():
     run.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory")
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--num_workers", type=in_range(int, -1), default=-1, help="data loader processes, kept across epochs "
-                     "(-1: none on a CPU, where the model needs every core; up to 8 per GPU)")
-    run.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "none"],
-                     help="keep decoded images at input size: memory (RAM, this run only), disk (--cache_dir, "
-                          "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
-    run.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
-    run.add_argument("--feature_cache", action=argparse.BooleanOptionalAction, default=True,
-                     help="with --freeze_backbone: compute the backbone's features once per image (and its mirror "
-                          "for --augmentation flip), then train the head on them; other augmentations, mixup, "
-                          "EMA, --compile and torchrun run the full model every epoch")
-    run.add_argument("--log_interval", type=in_range(int, 1), default=20, help="batches between progress-bar updates")
+    speed.add_speed_args(run)
+    run.add_argument("--log_interval", type=in_range(int, 1), default=20, help="batches between progress updates")
     run.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="end with report.py's pictures and report.html (a few seconds)")
     run.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept; "
@@ -134,7 +124,7 @@ def parse_args(argv=None):
         parser.set_defaults(**read_settings_file(args.config, parser))
         args = parser.parse_args(argv)
     if (args.mixup or args.cutmix) and args.batch_size % 2:
-        raise UserError(f"--mixup/--cutmix pair each image with another: use an even --batch_size, not {args.batch_size}")
+        raise UserError(f"--mixup/--cutmix pair images: use an even --batch_size, not {args.batch_size}")
     if args.resize and len(args.resize) > 2:
         raise UserError("--resize takes H or H W")
     check_launch(args)
@@ -261,20 +251,11 @@ def make_loader(rows, cfg, train, rank=0, world=1):
     return speed.make_data_loader(dataset, sampler, batch, cfg, drop_last)
 
 
-def parse_floats(text):
-    try:
-        return [float(v) for v in str(text).split(",")] if text else None
-    except ValueError:
-        raise UserError(f"'{text}' is not a comma-separated list of numbers like 0.7,0.3 "
-                        "(--criterion_weights, --head_weights)") from None
-
-
 def make_criterion(cfg, num_classes, labels):
     """The loss named by --criterion with its options; class counts come from the training labels."""
     return create_criterion(cfg.criterion, num_classes, class_counts=np.bincount(labels, minlength=num_classes),
-                            weights=parse_floats(cfg.criterion_weights), head=cfg.head,
-                            head_weights=parse_floats(cfg.head_weights), smoothing=cfg.smoothing,
-                            gamma=cfg.focal_gamma)
+                            weights=cfg.criterion_weights, head=cfg.head, head_weights=cfg.head_weights,
+                            smoothing=cfg.smoothing, gamma=cfg.focal_gamma)
 
 
 @dataclass
@@ -314,7 +295,8 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16),
                 make_criterion(cfg, len(cfg.classes), training_labels(train_rows, cfg.train_age_bounds)).to(device),
                 # warm-up: the average follows the model early on, else a few hundred updates stay near the init
-                ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None, mixup, updates_per_epoch,
+                ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None, mixup,
+                updates_per_epoch,
                 [str(Path(cfg.data_dir) / p) for p in train_rows["path"]])
 
 
@@ -326,7 +308,7 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
         raise UserError(f"fold {fold} has no {'validation' if val_rows.empty else 'training'} images: "
                         "lower --folds or add data")
     seed_everything(cfg.seed + fold)  # a fold's start does not depend on the folds before it
-    train_loader, val_loader = make_loader(train_rows, cfg, True, rank, world), make_loader(val_rows, cfg, False, rank, world)
+    train_loader, val_loader = (make_loader(r, cfg, t, rank, world) for r, t in ((train_rows, True), (val_rows, False)))
     t = build_fold(cfg, train_rows, len(train_loader), device, world)
     epoch_sampler, eval_net = train_loader.sampler, None
     if speed.uses_feature_cache(cfg, world):  # linear probe: the backbone runs once per image, epochs train the head
@@ -383,8 +365,15 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
             logits = t.net(images)
             loss = t.criterion(logits.float(), targets)
         t.scaler.scale(loss / cfg.accum_steps).backward()
-        if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:
-            optimizer_step(t, epoch * t.updates_per_epoch + step // cfg.accum_steps + 1)
+        if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:  # one optimizer update per accum_steps batches
+            update = epoch * t.updates_per_epoch + step // cfg.accum_steps + 1
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.optimizer.zero_grad(set_to_none=True)
+            if t.ema is not None:
+                t.ema.update(t.model, step=update)
+            if t.scheduler is not None:
+                t.scheduler.step_update(update)
         total_loss += loss.detach() * len(images)
         seen += len(images)
         preds.append(to_probs(logits.detach(), cfg.head).argmax(1))
@@ -395,17 +384,6 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     f1 = float(f1_score(torch.cat(labels).cpu(), torch.cat(preds).cpu(), average="macro"))
     return total_loss.item() / max(seen, 1), f1, seen / (time.perf_counter() - start)
-
-
-def optimizer_step(t, update):
-    """One optimizer update (the update-th of the fold): step, EMA, and the scheduler at that update."""
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=True)
-    if t.ema is not None:
-        t.ema.update(t.model, step=update)
-    if t.scheduler is not None:
-        t.scheduler.step_update(update)
 
 
 def check_finite(recent, files, epoch):
