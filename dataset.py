@@ -508,6 +508,38 @@ AUGMENTATIONS = {
 }
 
 
+class HalfCutMix:
+    """Vertical CutMix that keeps each half of a face whole (a top boostcamp team's trick): with probability
+    prob an image's left or right half is replaced by that half of another image of the batch, and its target
+    becomes half of each label. With rare classes given (--mix_rare), the other image is drawn from the batch's
+    images of those classes when it has any, so the rarest classes appear in more training images."""
+
+    def __init__(self, prob, num_classes, rare_classes=()):
+        self.prob, self.num_classes, self.rare = prob, num_classes, torch.as_tensor(list(rare_classes), dtype=torch.long)
+
+    def __call__(self, images, targets):
+        n, width = len(images), images.shape[-1]
+        partner = torch.randperm(n, device=images.device)
+        rare_rows = torch.nonzero(torch.isin(targets, self.rare.to(targets.device))).flatten()
+        if len(rare_rows):
+            partner = rare_rows[torch.randint(len(rare_rows), (n,), device=images.device)]
+        mixed = torch.rand(n, device=images.device) < self.prob
+        right = torch.rand(n, device=images.device) < 0.5  # which half comes from the partner
+        columns = torch.arange(width, device=images.device) >= width // 2
+        take = mixed[:, None] & (columns[None] == right[:, None])  # (N, W): columns taken from the partner
+        images = torch.where(take[:, None, None, :], images[partner], images)
+        onehot = torch.nn.functional.one_hot(targets, self.num_classes).float()
+        share = take.float().mean(1, keepdim=True)  # 0.5 for a mixed image (by area), else 0
+        return images, (1 - share) * onehot + share * onehot[partner]
+
+
+def rarest_classes(labels, num_classes, share=1 / 3):
+    """The classes with the fewest training images (the rarest third of those present)."""
+    counts = np.bincount(labels, minlength=num_classes)
+    present = np.flatnonzero(counts)
+    return present[np.argsort(counts[present], kind="stable")[:max(1, round(len(present) * share))]].tolist()
+
+
 def interpolation_mode(name):
     return T.InterpolationMode(name if name in ("bilinear", "bicubic", "nearest") else "bilinear")
 

@@ -135,3 +135,13 @@ def create_criterion(name, num_classes, class_counts=None, weights=None, head="s
     if len(parts) == 1 and weights is None:
         return parts[0]
     return WeightedSum(parts, checked_weights(weights, names, "criterion_weights"))
+
+
+def check_finite(recent, files, epoch):
+    """Stop at the first NaN/inf loss since the last check, naming its step and images; empties recent."""
+    bad = torch.nonzero(~torch.isfinite(torch.stack([loss for _, loss, _ in recent]))).flatten().tolist()
+    if bad:
+        step, loss, index = recent[bad[0]]
+        raise UserError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; batch starts with "
+                        f"{[files[i] for i in index[:3].tolist()]}: lower --lr or use --amp bf16/off")
+    recent.clear()

@@ -219,3 +219,11 @@ def predict_probs(models, loader, head, device, amp="auto", channels_last=True, 
         probs.append(batch.float())  # kept on the device: no wait for the host after every batch
         rows.append(index)
     return torch.cat(probs).cpu().numpy(), torch.cat(rows).numpy()
+
+
+def out_of_memory(batch_size, valid_batch_size, accum_steps, name, input_size):
+    """The one-line advice for CUDA out of memory: half the batch, twice the accumulation (same images a step)."""
+    return UserError(f"out of memory with --batch_size {batch_size} (--valid_batch_size {valid_batch_size}) for "
+                     f"{name} at {input_size[1]}x{input_size[2]}: start a new run with --batch_size "
+                     f"{max(2, batch_size // 2)} --accum_steps {accum_steps * 2} (the same images per optimizer "
+                     "step), or a smaller --resize")

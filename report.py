@@ -240,14 +240,15 @@ def write_html(run_dir, metrics, config, class_table, pngs):
 
 
 # ---- the jobs ----------------------------------------------------------------------------------
-def write_run_metrics(run_dir, classes, layout):
-    """oof.csv, metrics.json and confusion.png of a run from its finished folds."""
+def write_run_metrics(run_dir, classes, layout, confusion=True):
+    """oof.csv, metrics.json (and confusion.png, unless the full report is drawn next) of a run's finished folds."""
     run_dir = Path(run_dir)
     oof = collect_oof(run_dir)
     atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
     metrics = run_metrics(oof, classes, layout)
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    save_confusion_png(oof["label"], oof["pred"], classes, run_dir / "confusion.png")
+    if confusion:
+        save_confusion_png(oof["label"], oof["pred"], classes, run_dir / "confusion.png")
     return metrics
 
 
@@ -301,7 +302,7 @@ def main():
     parser.add_argument("--worst", type=in_range(int, 0), default=24, help="how many worst predictions to show")
     args = parser.parse_args()
     config = read_run(args.model_dir, args.data_dir)[0]
-    write_run_metrics(args.model_dir, config["classes"], config["layout"])
+    write_run_metrics(args.model_dir, config["classes"], config["layout"], confusion=False)
     metrics = write_report(args.model_dir, args.data_dir, args.worst)
     print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f} -> {Path(args.model_dir) / 'report.html'}")
 

@@ -208,7 +208,7 @@ def tensorboard_log(run_dir, fold_log):
 def finish_run(run_dir, config):
     """oof.csv, metrics.json (and report.html unless --no-report) of the finished folds; prints the score."""
     from report import write_report, write_run_metrics  # imported late: matplotlib is slow to import
-    metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
+    metrics = write_run_metrics(run_dir, config["classes"], config["layout"], confusion=not config.get("report", True))
     if config.get("report", True):
         write_report(run_dir)
     print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "

@@ -34,13 +34,14 @@ from tqdm import tqdm
 import runs
 import speed
 from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
-from dataset import (ImageDataset, add_data_args, build_transform, find_bad_images, read_boxes, resizes_first,
-                     summarize, table_from_args, training_labels, with_pseudo_labels, without_unreadable)
+from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, find_bad_images, rarest_classes,
+                     read_boxes, resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
+                     without_unreadable)
 from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
                          setup_distributed)
-from loss import create_criterion
-from model import (amp_dtype, autocast, check_input_size, create_model, data_config, param_groups, predict_probs,
-                   to_device, to_probs)
+from loss import check_finite, create_criterion
+from model import (amp_dtype, autocast, check_input_size, create_model, data_config, out_of_memory, param_groups,
+                   predict_probs, to_device, to_probs)
 
 OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
               "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
@@ -97,6 +98,9 @@ def build_parser():
     aug.add_argument("--augmentation", default="flip", help="base, flip, strong, randaugment, trivialaugment")
     aug.add_argument("--mixup", type=in_range(float, 0), default=0.0, help="mixup alpha (0 = off; even --batch_size)")
     aug.add_argument("--cutmix", type=in_range(float, 0), default=0.0, help="cutmix alpha (0 = off; even --batch_size)")
+    aug.add_argument("--half_cutmix", type=in_range(float, 0, 1), default=0.0, help="share of images whose left or "
+                     "right half comes from another image (faces stay whole halves)")
+    aug.add_argument("--mix_rare", action="store_true", help="--half_cutmix takes the other half from the rarest classes")
     run = p.add_argument_group("run and system")
     run.add_argument("--model_dir", default=env("SM_MODEL_DIR", "model"), help="where run folders are made")
     run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... if taken)")
@@ -123,6 +127,8 @@ def parse_args(argv=None):
     if args.config:
         parser.set_defaults(**read_settings_file(args.config, parser))
         args = parser.parse_args(argv)
+    if (args.mixup or args.cutmix) and args.half_cutmix:
+        raise UserError("--half_cutmix replaces --mixup/--cutmix: use one of them")
     if (args.mixup or args.cutmix) and args.batch_size % 2:
         raise UserError(f"--mixup/--cutmix pair images: use an even --batch_size, not {args.batch_size}")
     if args.resize and len(args.resize) > 2:
@@ -207,7 +213,7 @@ def main(argv=None):
         try:
             log = train_fold(fold, table, cfg, device, rank, world)
         except torch.OutOfMemoryError:
-            raise out_of_memory(cfg) from None
+            raise out_of_memory(cfg.batch_size, cfg.valid_batch_size, cfg.accum_steps, cfg.model, cfg.input_size) from None
         except KeyboardInterrupt:
             raise UserError(f"interrupted in fold {fold}; continue with: python train.py --resume {run_dir}") from None
         if rank == 0:
@@ -215,15 +221,6 @@ def main(argv=None):
     if rank == 0:
         runs.finish_run(run_dir, vars(cfg))
     finish_distributed(world)
-
-
-def out_of_memory(cfg):
-    """The one-line advice for CUDA out of memory."""
-    height, width = cfg.input_size[1:]
-    return UserError(f"out of memory with --batch_size {cfg.batch_size} (--valid_batch_size {cfg.valid_batch_size}) "
-                     f"for {cfg.model} at {height}x{width}: start a new run with --batch_size "
-                     f"{max(2, cfg.batch_size // 2)} --accum_steps {cfg.accum_steps * 2} (the same images per "
-                     "optimizer step), or a smaller --resize")
 
 
 # ---- one fold -------------------------------------------------------------------------------------
@@ -285,15 +282,19 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
         optimizer, SCHEDULERS[cfg.scheduler], num_epochs=cfg.epochs, decay_epochs=cfg.lr_decay_step, decay_rate=0.5,
         warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1), warmup_lr=cfg.lr / 100, min_lr=cfg.lr / 100,
         step_on_epochs=cfg.scheduler == "plateau", updates_per_epoch=updates_per_epoch)[0]
+    labels = training_labels(train_rows, cfg.train_age_bounds)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, num_classes=len(cfg.classes),
                   label_smoothing=0.0) if (cfg.mixup or cfg.cutmix) else None
+    if cfg.half_cutmix:
+        rare = rarest_classes(labels, len(cfg.classes)) if cfg.mix_rare else []
+        mixup = HalfCutMix(cfg.half_cutmix, len(cfg.classes), rare)
     net = torch.compile(model) if cfg.compile else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
                                                         else None)
     return Fold(model, net, optimizer, scheduler,
                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16),
-                make_criterion(cfg, len(cfg.classes), training_labels(train_rows, cfg.train_age_bounds)).to(device),
+                make_criterion(cfg, len(cfg.classes), labels).to(device),
                 # warm-up: the average follows the model early on, else a few hundred updates stay near the init
                 ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None, mixup,
                 updates_per_epoch,
@@ -384,16 +385,6 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     f1 = float(f1_score(torch.cat(labels).cpu(), torch.cat(preds).cpu(), average="macro"))
     return total_loss.item() / max(seen, 1), f1, seen / (time.perf_counter() - start)
-
-
-def check_finite(recent, files, epoch):
-    """Stop at the first NaN/inf loss since the last check, naming its step and images; empties recent."""
-    bad = torch.nonzero(~torch.isfinite(torch.stack([loss for _, loss, _ in recent]))).flatten().tolist()
-    if bad:
-        step, loss, index = recent[bad[0]]
-        raise UserError(f"loss is {loss.item()} at epoch {epoch + 1} step {step}; batch starts with "
-                        f"{[files[i] for i in index[:3].tolist()]}: lower --lr or use --amp bf16/off")
-    recent.clear()
 
 
 if __name__ == "__main__":

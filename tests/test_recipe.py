@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import inference  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
-from dataset import build_table, training_labels  # noqa: E402
+from dataset import HalfCutMix, build_table, rarest_classes, training_labels  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 EVAL = ROOT / "sample" / "eval"
@@ -142,3 +143,27 @@ def test_pseudo_labels_join_training_never_validation(tiny_run_dir, tmp_path):
         train.main([*TINY, "--pseudo_labels", str(tmp_path / "short.csv"), "--pseudo_dir", str(EVAL),
                     "--model_dir", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+
+
+def test_half_cutmix_keeps_each_half_whole_and_mixes_labels_by_area():
+    torch.manual_seed(0)
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 8, 6).clone()  # image i is all i
+    targets = torch.tensor([0, 1, 2, 3])
+    mixed, soft = HalfCutMix(1.0, 5)(images, targets)
+    for i in range(4):
+        left, right = mixed[i, :, :, :3].unique(), mixed[i, :, :, 3:].unique()
+        assert len(left) == 1 and len(right) == 1  # each half is one whole image's half
+        assert sorted(torch.nonzero(soft[i]).flatten().tolist()) == sorted({int(left), int(right)})
+        assert soft[i].sum() == 1 and (soft[i].max() == 1 or torch.allclose(soft[i][soft[i] > 0], torch.tensor(0.5)))
+    unmixed, hard = HalfCutMix(0.0, 5)(images, targets)
+    assert torch.equal(unmixed, images) and torch.equal(hard.argmax(1), targets)
+
+
+def test_mix_rare_takes_the_other_half_from_the_rarest_classes():
+    labels = np.array([0] * 50 + [1] * 40 + [2] * 3 + [3] * 30 + [4] * 2 + [5] * 20)
+    assert rarest_classes(labels, 6) == [4, 2]  # the rarest third of the 6 present classes
+    torch.manual_seed(1)
+    targets = torch.tensor([0, 1, 2, 3, 5, 0, 1, 3])
+    images = targets.float().view(-1, 1, 1, 1).expand(8, 3, 4, 4).clone()
+    mixed, soft = HalfCutMix(1.0, 6, rarest_classes(labels, 6))(images, targets)
+    assert (soft[:, 2] >= 0.5).all()  # every image got a half of the batch's one rare image (class 2)
