@@ -199,7 +199,23 @@ def read_oof(path):
     if not prob_cols or not {"label", "fold"} <= set(oof.columns):
         raise UserError(f"{path} has no label, fold and p0..pN columns: pass a run's oof.csv")
     prob_cols.sort(key=lambda c: int(c[1:]))
-    return oof[prob_cols].to_numpy(float), oof["label"].to_numpy(int), oof["fold"].to_numpy()
+    return oof[prob_cols].to_numpy(float), oof["label"].to_numpy(int), oof_folds(oof)
+
+
+def oof_folds(oof, groups=5):
+    """The OOF rows' folds; a one-fold OOF (a --fold i run) is split into person-grouped parts instead,
+    so cross-fitting still fits and scores on different people."""
+    if oof["fold"].nunique() > 1 or "profile" not in oof.columns:
+        return oof["fold"].to_numpy()
+    codes = pd_codes(oof["profile"].astype(str))
+    print(f"one fold in the OOF: cross-fitting over {groups} person-grouped parts of it")
+    return codes % groups
+
+
+def pd_codes(values):
+    """0..n-1 per distinct value, in order of first appearance (deterministic)."""
+    first_seen = {}
+    return values.map(lambda v: first_seen.setdefault(v, len(first_seen))).to_numpy()
 
 
 def summary(rule):
