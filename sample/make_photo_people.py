@@ -17,7 +17,7 @@ real data:
 - mask: 5 different masks for mask1..5 (textures from real images), pulled below the nose or to the
   chin for incorrect_mask (sometimes only just below the nose), none for normal;
 - gender: hair length, drawn from overlapping distributions (short-haired women, long-haired men), so
-  even a perfect reader of the picture is right about 92% of the time;
+  even a perfect reader of the picture is right only about 96% of the time;
 - age: hair greyness and wrinkles follow an "apparent age" = age + per-person noise (5 years), so a
   58-year-old often looks 60 and a 27-year-old 31. Ages 18..60 as in the real data: ~45% under 30,
   ~48% 30-59 (a bump at 50-58), ~7% exactly 60; ~60% women.
@@ -51,7 +51,7 @@ TOPS = [0, 2, 3, 4, 6]  # Fashion-MNIST t-shirt, pullover, dress, coat, shirt
 MASK_COLOURS = [(236, 236, 232), (168, 204, 236), (30, 30, 34), (120, 122, 128), (226, 200, 178),
                 (236, 176, 190), (40, 52, 96), (70, 110, 80)]
 APPARENT_AGE_NOISE = 5.0  # years; makes 58-59 look like 60 and blurs the 30 boundary
-HAIR_LENGTH = {"male": 0.22, "female": 0.72}  # means of a normal with sd 0.17: ~7% look like the other gender
+HAIR_LENGTH = {"male": 0.12, "female": 0.8}  # means of a normal with sd 0.2: ~4% look like the other gender
 
 
 # ---- real sources ------------------------------------------------------------------------------
@@ -137,12 +137,12 @@ def make_person(gender, age, sources, rng, size):
             "skin": np.array([224, 184, 152]) * rng.uniform(.6, 1.05) + rng.normal(0, 6, 3),
             "face_ratio": rng.uniform(.9, 1.08), "background": Image.fromarray(background).resize((width, height)),
             "hair": hair_colour(apparent_age, rng), "hair_texture": texture_patch(sources, rng, height, width),
-            "hair_length": float(np.clip(rng.normal(HAIR_LENGTH[gender], 0.17), 0, 1)),
+            "hair_length": float(np.clip(rng.normal(HAIR_LENGTH[gender], 0.2), 0, 1)),
             "wrinkles": float(np.clip((apparent_age - 28) / 32, 0, 1)),
             "wrinkle_texture": texture_patch(sources, rng, height, width),
             "clothes": clothes_layer(sources, rng, size),
             "masks": [mask_style(sources, rng, size) for _ in range(5)],
-            "incorrect_top": rng.uniform(0.2, 0.8)}
+            "incorrect_top": rng.uniform(0.28, 0.8)}
 
 
 def clothes_layer(sources, rng, size):
@@ -181,7 +181,7 @@ def mask_style(sources, rng, size):
 def head_geometry(person, size):
     """Head centre and half-axes on the canvas (before the per-picture camera jitter)."""
     width, height = size
-    return width * .5, height * .4, width * .19 * person["face_ratio"], height * .175
+    return width * .5, height * .4, width * .23 * person["face_ratio"], height * .2
 
 
 def shape(size, draw_shape):
