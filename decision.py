@@ -229,15 +229,36 @@ def summary(rule):
     return "\n".join(lines)
 
 
+def held_out_report(rule, probs_csv, answers_csv):
+    """Plain vs rule macro F1 on a labelled test set: inference.py's probs.csv and an answers file
+    (ImageID,ans), e.g. make_photo_people's eval/answers.csv."""
+    import pandas as pd
+    for path in (probs_csv, answers_csv):
+        if not Path(path).is_file():
+            raise UserError(f"{path} not found: pass inference.py's probs.csv and the matching answers.csv")
+    probs = pd.read_csv(probs_csv).merge(pd.read_csv(answers_csv), on="ImageID", validate="one_to_one")
+    if len(probs) == 0:
+        raise UserError(f"{probs_csv} and {answers_csv} share no ImageID: pass files of the same test set")
+    matrix, labels = probs[[f"p{c}" for c in range(rule.n_classes)]].to_numpy(float), probs["ans"].to_numpy(int)
+    applied = dict(asdict(rule), applied=True)  # what the rule would do, even where the fit did not apply it
+    plain = macro_f1(labels, matrix.argmax(1), rule.n_classes)
+    ruled = macro_f1(labels, DecisionRule(**applied).predict(matrix), rule.n_classes)
+    return f"held-out ({len(labels)} images): plain macro F1 {plain:.4f}, with {rule.params} {ruled:.4f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oof", default="model/sample/oof.csv", help="a run's oof.csv")
     parser.add_argument("--rule", choices=RULES, default="prior", help="prior: one tau; prior_age: tau + >=60 bias")
     parser.add_argument("--out", default="", help="write the fitted rule here (e.g. RUN_DIR/decision.json)")
+    parser.add_argument("--probs", default="", help="also score on a labelled test set: inference.py's probs.csv")
+    parser.add_argument("--answers", default="", help="its true labels (ImageID,ans), e.g. eval/answers.csv")
     args = parser.parse_args()
     probs, labels, folds = read_oof(args.oof)
     rule = fit(probs, labels, folds, class_prior(labels, probs.shape[1]), args.rule)
     print(summary(rule))
+    if args.probs or args.answers:
+        print(held_out_report(rule, args.probs, args.answers))
     if args.out:
         rule.to_json(args.out)
         print(f"wrote {args.out}")
