@@ -86,3 +86,16 @@ def test_prior_age_rule_and_bad_inputs():
         decision.fit(probs, labels, np.arange(600) % 3, decision.class_prior(labels, 18), rule="weights")
     with pytest.raises(UserError, match="do not line up"):
         decision.fit(probs[:10], labels, np.arange(600) % 3, decision.class_prior(labels, 18))
+
+
+def test_held_out_report_scores_plain_and_rule(tmp_path):
+    import pandas as pd
+    probs, labels, folds = imbalanced()
+    rule = decision.fit(probs, labels, folds, decision.class_prior(labels, 4))
+    ids = [f"{i:04d}.jpg" for i in range(len(labels))]
+    pd.DataFrame(probs, columns=[f"p{c}" for c in range(4)]).assign(ImageID=ids).to_csv(tmp_path / "probs.csv")
+    pd.DataFrame({"ImageID": ids, "ans": labels}).to_csv(tmp_path / "answers.csv", index=False)
+    report = decision.held_out_report(rule, tmp_path / "probs.csv", tmp_path / "answers.csv")
+    assert report.startswith(f"held-out ({len(labels)} images): plain macro F1 ")
+    with pytest.raises(UserError, match="not found"):
+        decision.held_out_report(rule, tmp_path / "nope.csv", tmp_path / "answers.csv")
