@@ -23,6 +23,7 @@ from PIL import UnidentifiedImageError
 
 from common import KitParser, UserError, in_range, run_main
 from dataset import HEAD_NAMES, build_transform, head_marginals, head_value_names, load_image
+from decision import run_rule
 from inference import load_run
 from model import predict_probs
 
@@ -44,7 +45,7 @@ PAGE = """<!doctype html>
 </form>
 {% if error %}<p id="error">{{ error }}</p>{% endif %}
 {% if top %}<div class="result"><img src="data:image/jpeg;base64,{{ preview }}" alt="uploaded photo"><div>
- <p id="answer">Prediction: {{ top[0][0] }} ({{ "%.1f"|format(top[0][1] * 100) }}%)</p>
+ <p id="answer">Prediction: {{ answer[0] }} ({{ "%.1f"|format(answer[1] * 100) }}%)</p>
  <table id="top"><tr><th>class</th><th>probability</th><th></th></tr>
  {% for name, p in top %}<tr><td>{{ name }}</td><td>{{ "%.1f"|format(p * 100) }}%</td>
   <td class="meter"><div class="bar" style="width: {{ "%.1f"|format(p * 100) }}%"></div></td></tr>{% endfor %}</table>
@@ -93,13 +94,15 @@ def preview(image):
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def create_app(models, config, top=5, title="Image classifier demo"):
-    """The Flask app: GET shows the form, POST answers an uploaded photo."""
+def create_app(models, config, top=5, title="Image classifier demo", rule=None):
+    """The Flask app: GET shows the form, POST answers an uploaded photo (with the run's macro-F1 decision rule,
+    decision.py, when one is given: then the answer may be a class other than the most probable one)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
     classes, mask_layout = config["classes"], config["layout"] == "mask" and len(config["classes"]) == 18
-    about = f"{config['model']}, {len(models)} fold model(s), {len(classes)} classes ({config['layout']} layout)"
+    about = (f"{config['model']}, {len(models)} fold model(s), {len(classes)} classes ({config['layout']} layout)"
+             + ("" if rule is None else f", answers by the decision rule {rule.rule} {rule.params}"))
 
     @app.route("/", methods=["GET", "POST"])
     def page():
@@ -113,7 +116,9 @@ def create_app(models, config, top=5, title="Image classifier demo"):
                                           **view), 400
         probs = predict(models, config, transform, image)
         order = np.argsort(-probs)[:top]
+        answer = int(probs.argmax() if rule is None else rule.predict(probs[None])[0])
         return render_template_string(PAGE, top=[(classes[i], float(probs[i])) for i in order],
+                                      answer=(classes[answer], float(probs[answer])),
                                       attributes=attributes(probs, classes) if mask_layout else [],
                                       preview=preview(image), **view)
     return app
@@ -142,7 +147,8 @@ def main():
     models, config = load_run(args.model_dir, which=args.checkpoint, device=device)
     print(f"loaded {len(models)} fold model(s) from {args.model_dir}; open http://{args.host}:{args.port}",
           flush=True)
-    create_app(models, config, args.top).run(host=args.host, port=args.port)
+    create_app(models, config, args.top, rule=run_rule(args.model_dir, len(config["classes"]))).run(
+        host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

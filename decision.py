@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset import UserError, atomic_write, run_main
+from common import UserError, atomic_write, run_main
 
 TAU_GRID = tuple(np.round(np.arange(0, 1.51, 0.1), 2))
 AGE_BIAS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -186,6 +186,27 @@ def fit(oof_probs, labels, folds, prior, rule="prior"):
                         per_class_f1_before=per_class_f1(labels, plain_preds, n_classes).round(6).tolist(),
                         per_class_f1_after=per_class_f1(labels, crossed_preds, n_classes).round(6).tolist(),
                         fold_params=fold_params, temperature_check=gains)
+
+
+# ---- the run folder ---------------------------------------------------------------------------
+def fit_run(run_dir, rule="prior"):
+    """Fit the rule on a finished run's oof.csv and write decision.json. It is applied (by inference.py, the demo
+    page and export's metadata) only when the cross-fitted gain is positive AND survives sharper and smoother
+    probabilities, as a fold ensemble's averaged ones are (temperature_check)."""
+    probs, labels, folds = read_oof(Path(run_dir) / "oof.csv")
+    fitted = fit(probs, labels, folds, class_prior(labels, probs.shape[1]), rule)
+    fitted.applied = fitted.applied and fitted.robust
+    fitted.to_json(Path(run_dir) / "decision.json")
+    return fitted
+
+
+def run_rule(run_dir, n_classes):
+    """The run's decision rule when its decision.json applies one, else None (plain argmax)."""
+    path = Path(run_dir) / "decision.json"
+    if not path.is_file():
+        return None
+    rule = from_json(path, n_classes)
+    return rule if rule.applied else None
 
 
 # ---- command line ------------------------------------------------------------------------------

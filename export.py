@@ -27,6 +27,7 @@ from torch import nn
 
 from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
 from dataset import build_transform
+from decision import run_rule
 from inference import load_run
 from model import to_probs
 
@@ -103,7 +104,17 @@ def write_checked(path, export, module, example, check):
 FORMATS = {"onnx": (export_onnx, "model.onnx"), "torchscript": (export_torchscript, "model.torchscript.pt")}
 
 
-def preprocess_info(config, models, files):
+def decision_info(rule):
+    """The run's macro-F1 decision rule for users outside the kit (None: answer with argmax of the probs)."""
+    if rule is None:
+        return None
+    return {"rule": rule.rule, "params": rule.params, "prior": rule.prior,
+            "answer": "argmax over classes c of log(probs[c]) - tau * log(prior[c]) (+ age_bias on the >=60 classes "
+                      "c % 3 == 2 where given); cross-fitted OOF macro F1 "
+                      f"{rule.cross_fitted_macro_f1:.4f} vs {rule.oof_macro_f1:.4f} with argmax"}
+
+
+def preprocess_info(config, models, files, rule=None):
     """What a user outside the kit needs to feed the exported model (written as preprocess.json)."""
     height, width = config["input_size"][-2:]
     resize = build_transform("base", config["input_size"], config["interpolation"], train=False).transforms[0]
@@ -123,6 +134,7 @@ def preprocess_info(config, models, files):
         "face_crop": ({"boxes": config["crop"], "margin": config["crop_margin"],
                        "note": "trained on MTCNN face crops (crop_faces.py): crop the face box widened by margin "
                                "of its size on each side before resizing"} if config.get("crop") else None),
+        "decision": decision_info(rule),
     }
 
 
@@ -142,7 +154,8 @@ def main():
         written[name] = file_name
         print(f"{name}: {out / file_name}  (max |prob difference| vs PyTorch {difference:.1e})")
     what = f"fold {args.fold}" if folds else f"average of {len(models)} folds"
-    info = preprocess_info(config, f"{what} of {config['model']} ({args.checkpoint}.pth)", written)
+    info = preprocess_info(config, f"{what} of {config['model']} ({args.checkpoint}.pth)", written,
+                           run_rule(args.model_dir, len(config["classes"])))
     atomic_write(out / "preprocess.json", lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     print(f"{len(models)} fold model(s) of {args.model_dir} -> {out}/ (input {height}x{width} RGB 0..255, "
           f"output {len(config['classes'])} probabilities; see preprocess.json)")

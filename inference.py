@@ -12,6 +12,7 @@ so a leaderboard score can be traced back to its runs (python compare.py --outpu
 """
 import argparse
 import hashlib
+import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader
 from common import KitParser, UserError, atomic_write_all, in_range, run_main
 from dataset import ImageDataset, build_transform, find_bad_images, read_boxes, read_csv_checked, read_test_table
 from model import load_checkpoint, predict_probs
-from runs import check_same_run, read_config, write_json
+from decision import run_rule
+from runs import check_same_run, read_config
 
 
 def parse_args(argv=None):
@@ -44,6 +46,8 @@ def parse_args(argv=None):
                    help="images per batch (halved while the GPU runs out of memory)")
     p.add_argument("--num_workers", type=in_range(int, 0), default=min(4, os.cpu_count()), help="data loader processes")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    p.add_argument("--decision", default="auto", choices=["auto", "off"], help="auto: answer with the run's "
+                   "decision.json rule when its fit applied one (macro F1), off: plain argmax")
     return p.parse_args(argv)
 
 
@@ -123,37 +127,52 @@ def check_submission(frame, expected, probs, classes, layout, source):
                         f"(first: {answers[wrong].iloc[0]}); nothing written")
 
 
-def write_outputs(output_dir, template, config, probs, submission=None):
-    """output.csv (template with answers: class index for the mask layout, else class name) and
-    probs.csv, each written whole or not at all; the submission file (info.csv or the sample
-    submission) is read again, so rows that lost its order on the way are never written."""
+def write_outputs(output_dir, template, config, probs, submission=None, answers=None, manifest=None):
+    """output.csv (template with answers: class index for the mask layout, else class name; argmax unless
+    answers are given), probs.csv and output_manifest.json (what made them, with output.csv's sha256), all
+    renamed together or none; the submission file (info.csv or the sample submission) is read again, so rows
+    that lost its order on the way are never written."""
     id_col, answer_col = template.columns[:2]
     classes = config["classes"]
     if probs.shape != (len(template), len(classes)):
         raise UserError(f"probabilities have shape {probs.shape}, expected {(len(template), len(classes))}; "
                         "nothing written")
-    answers = probs.argmax(1)
+    answers = probs.argmax(1) if answers is None else answers
     frame = template.copy()
     frame[answer_col] = answers if config["layout"] == "mask" else [classes[a] for a in answers]
     expected = read_csv_checked(submission, missing_fix="check --submission") if submission else template
     check_submission(frame, expected, probs, classes, config["layout"], submission or "the template")
     prob_frame = pd.concat([template[[id_col]], pd.DataFrame(probs, columns=[f"p{i}" for i in range(len(classes))])],
                            axis=1)
-    atomic_write_all({  # renamed together: never an output.csv beside the probs.csv of another prediction
-        Path(output_dir) / "probs.csv": lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"),
-        Path(output_dir) / "output.csv": lambda tmp: frame.to_csv(tmp, index=False)})
+    output_text = frame.to_csv(index=False)
+    files = {Path(output_dir) / "probs.csv": lambda tmp: prob_frame.to_csv(tmp, index=False, float_format="%.6f"),
+             Path(output_dir) / "output.csv": lambda tmp: Path(tmp).write_text(output_text)}
+    if manifest is not None:  # its sha256 tells later whether output.csv changed since
+        record = {**manifest, "output": "output.csv", "sha256": hashlib.sha256(output_text.encode()).hexdigest(),
+                  "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        files[Path(output_dir) / "output_manifest.json"] = lambda tmp: Path(tmp).write_text(json.dumps(record,
+                                                                                                        indent=2))
+    atomic_write_all(files)  # renamed together: never an output.csv beside files of another prediction
     return frame
 
 
-def write_manifest(output_dir, args, n_models):
-    """output_manifest.json, written right after output.csv: its sha256 tells whether output.csv changed since."""
-    output = Path(output_dir) / "output.csv"
-    write_json(Path(output_dir) / "output_manifest.json", {
-        "output": output.name, "sha256": hashlib.sha256(output.read_bytes()).hexdigest(),
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dirs": [str(Path(d).resolve()) for d in args.model_dir], "folds": args.folds or "all",
-        "models": n_models, "checkpoint": args.checkpoint, "tta": args.tta, "crop": args.crop,
-        "data_dir": str(args.data_dir), "decision": None})  # inference.py applies no decision.json (yet)
+def decision_rule(args, n_classes):
+    """The run's macro-F1 decision rule (decision.json, when its fit applied one) for a single-run ensemble;
+    a cross-run ensemble averages runs whose rules were each fitted on their own OOF, so it takes none."""
+    if args.decision == "off" or len(args.model_dir) > 1:
+        if args.decision != "off":
+            print("decision layer: not applied to a cross-run ensemble (each rule was fitted on its own run's OOF)")
+        return None
+    return run_rule(args.model_dir[0], n_classes)
+
+
+def manifest(args, n_models, rule):
+    """What made a submission: run folders, folds, checkpoint, TTA, crop boxes, test folder, decision rule."""
+    return {"run_dirs": [str(Path(d).resolve()) for d in args.model_dir], "folds": args.folds or "all",
+            "models": n_models, "checkpoint": args.checkpoint, "tta": args.tta, "crop": args.crop,
+            "data_dir": str(args.data_dir), "decision": None if rule is None else {
+                "file": str(Path(args.model_dir[0]).resolve() / "decision.json"), "rule": rule.rule,
+                "params": rule.params}}
 
 
 def main(argv=None):
@@ -170,10 +189,12 @@ def main(argv=None):
     n_models = sum(len(models) for _, models in runs)
     probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
                 for config, models in decoding_groups(runs)) / n_models
-    frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path)
-    write_manifest(args.output_dir, args, n_models)
+    rule = decision_rule(args, probs.shape[1])
+    frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path,
+                          None if rule is None else rule.predict(probs), manifest(args, n_models, rule))
     counts = frame.iloc[:, 1].value_counts().sort_index()
-    print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''} -> "
+    print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''}"
+          f"{'' if rule is None else f', decision layer {rule.rule} {rule.params}'} -> "
           f"{Path(args.output_dir) / 'output.csv'}\nanswer counts: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 

@@ -218,6 +218,21 @@ def metrics_html(metrics, config, class_table):
     return "\n".join(parts + ["<h3>Per class</h3>", table_html(class_table)])
 
 
+def decision_html(run_dir, classes):
+    """The decision layer's per-class F1 before/after (cross-fitted) from decision.json, if the run has one."""
+    path = Path(run_dir) / "decision.json"
+    if not path.is_file():
+        return ""
+    from decision import from_json  # imported here: only runs with a decision file need it
+    rule = from_json(path, len(classes))
+    table = pd.DataFrame({"class": classes, "F1 argmax": rule.per_class_f1_before,
+                          "F1 with the rule (cross-fitted)": rule.per_class_f1_after, "prior": rule.prior})
+    verdict = "applied by inference.py" if rule.applied else "not applied: no gain that survives ensemble-like probabilities"
+    return (f"<h3>Decision layer: {html.escape(rule.rule)} {html.escape(str(rule.params))}</h3><p>OOF macro F1 "
+            f"{rule.oof_macro_f1:.4f} with argmax, {rule.cross_fitted_macro_f1:.4f} with the rule fitted on the other "
+            f"folds; {verdict}.</p>" + table_html(table))
+
+
 def image_html(path, caption):
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return (f'<h2>{html.escape(caption)}</h2>\n<img alt="{html.escape(Path(path).name)}" '
@@ -232,7 +247,7 @@ def write_html(run_dir, metrics, config, class_table, pngs):
     title = f"Run report: {Path(run_dir).name}"
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(str(Path(run_dir).resolve()))}, data "
             f"{html.escape(str(config.get('data_dir')))}, layout {html.escape(str(config.get('layout')))}</p>",
-            metrics_html(metrics, config, class_table)]
+            metrics_html(metrics, config, class_table), decision_html(run_dir, config["classes"])]
     body += [image_html(Path(run_dir) / name, REPORT_PNGS[name]) for name in pngs]
     page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -209,8 +209,15 @@ def finish_run(run_dir, config):
     """oof.csv, metrics.json (and report.html unless --no-report) of the finished folds; prints the score."""
     from report import write_report, write_run_metrics  # imported late: matplotlib is slow to import
     metrics = write_run_metrics(run_dir, config["classes"], config["layout"], confusion=not config.get("report", True))
+    line = ""
+    if config.get("decision", "off") != "off" and len(metrics["folds_done"]) > 1:  # one fold: nothing to cross-fit
+        from decision import fit_run
+        rule = fit_run(run_dir, config["decision"])
+        line = (f"\ndecision layer ({rule.rule} {rule.params}): cross-fitted OOF macro F1 "
+                f"{rule.cross_fitted_macro_f1:.4f} vs plain {rule.oof_macro_f1:.4f} -> "
+                f"{'applied by inference.py' if rule.applied else 'not applied (no robust gain)'}")
     if config.get("report", True):
         write_report(run_dir)
     print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
-          f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}")
+          f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}{line}")
     return metrics

@@ -48,7 +48,7 @@ OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, n
               "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)}  # p: param_groups()
 SCHEDULERS = {"cosine": "cosine", "step": "step", "plateau": "plateau", "none": None}  # ours -> timm's
 # what --resume may change: how long and how fast, never what is learned from what
-SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_dir", "log_interval", "report",
+SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_dir", "log_interval", "report", "decision",
                   "valid_batch_size")
 
 
@@ -112,6 +112,8 @@ def build_parser():
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     speed.add_speed_args(run)
     run.add_argument("--log_interval", type=in_range(int, 1), default=20, help="batches between progress updates")
+    run.add_argument("--decision", default="prior", choices=["prior", "prior_age", "off"], help="macro-F1 decision "
+                     "layer fitted on OOF (decision.py), applied by inference.py where cross-fitting shows a gain")
     run.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                      help="end with report.py's pictures and report.html (a few seconds)")
     run.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept; "

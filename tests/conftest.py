@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_run_dir(tmp_path_factory):
-    """A finished 2-fold, 2-epoch test_resnet run at 64x48 on the sample, with its report."""
+    """A finished 2-fold, 2-epoch test_resnet run at 64x48 on the sample, with its report (single head, argmax
+    answers: what the tests of the later steps check against)."""
     run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
     done = subprocess.run([sys.executable, "train.py", "--data_dir", "sample/train", "--model", "test_resnet",
-                           "--no-pretrained", "--head", "single", "--resize", "64", "48", "--epochs", "2", "--folds", "2",
-                           "--batch_size", "32", "--num_workers", "0", "--model_dir", str(run_dir.parent),
-                           "--name", "run"], cwd=ROOT, capture_output=True, text=True)
+                           "--no-pretrained", "--head", "single", "--decision", "off", "--resize", "64", "48",
+                           "--epochs", "2", "--folds", "2", "--batch_size", "32", "--num_workers", "0",
+                           "--model_dir", str(run_dir.parent), "--name", "run"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
 

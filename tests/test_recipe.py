@@ -2,6 +2,7 @@
 applies or refuses, mixup's even batches, a frozen backbone's BatchNorm, and --config values held to the
 command line's rules."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+import decision  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
@@ -167,3 +169,41 @@ def test_mix_rare_takes_the_other_half_from_the_rarest_classes():
     images = targets.float().view(-1, 1, 1, 1).expand(8, 3, 4, 4).clone()
     mixed, soft = HalfCutMix(1.0, 6, rarest_classes(labels, 6))(images, targets)
     assert (soft[:, 2] >= 0.5).all()  # every image got a half of the batch's one rare image (class 2)
+
+
+# ---- the macro-F1 decision layer in the run folder ----------------------------------------------------
+def test_run_end_fits_the_decision_layer_and_reports_it(tmp_path, capsys):
+    train.main([*TINY, "--epochs", "3", "--folds", "3", "--batch_size", "32", "--report", "--model_dir",
+                str(tmp_path), "--name", "dec"])
+    run_dir = tmp_path / "dec"
+    rule = decision.from_json(run_dir / "decision.json", 18)
+    assert rule.rule == "prior" and set(rule.temperature_check) and len(rule.per_class_f1_after) == 18
+    assert rule.oof_macro_f1 == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["oof_macro_f1"])
+    assert rule.applied == (rule.cross_fitted_macro_f1 > rule.oof_macro_f1 and rule.robust)
+    assert "cross-fitted OOF macro F1" in capsys.readouterr().out
+    assert "Decision layer: prior" in (run_dir / "report.html").read_text()
+
+
+def test_inference_answers_with_an_applied_rule_and_records_it(tiny_run_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    prior = np.full(18, 1 / 18)
+    prior[:6] = 0.15  # "worn" classes common: the rule moves answers away from them
+    rule = decision.DecisionRule("prior", {"tau": 1.5}, (prior / prior.sum()).tolist(), 18, applied=True, robust=True)
+    rule.to_json(run_dir / "decision.json")
+    answers = {}
+    for mode in ("auto", "off"):
+        inference.main(["--data_dir", str(EVAL), "--model_dir", str(run_dir), "--output_dir", str(tmp_path / mode),
+                        "--num_workers", "0", "--decision", mode])
+        answers[mode] = pd.read_csv(tmp_path / mode / "output.csv")["ans"].to_numpy()
+    probs = pd.read_csv(tmp_path / "auto" / "probs.csv").filter(like="p").to_numpy()
+    assert (answers["off"] == probs.argmax(1)).all()
+    assert (answers["auto"] == rule.predict(probs)).mean() > 0.98 and (answers["auto"] != answers["off"]).any()
+    recorded = json.loads((tmp_path / "auto" / "output_manifest.json").read_text())["decision"]
+    assert recorded["params"] == {"tau": 1.5} and json.loads(
+        (tmp_path / "off" / "output_manifest.json").read_text())["decision"] is None
+    decision.DecisionRule("prior", {"tau": 1.0}, [0.2] * 5, 5, applied=True).to_json(run_dir / "decision.json")
+    with pytest.raises(UserError, match="decision.json is for 5 classes"):
+        inference.main(["--data_dir", str(EVAL), "--model_dir", str(run_dir), "--output_dir", str(tmp_path / "x"),
+                        "--num_workers", "0"])
+    assert not (tmp_path / "x").exists()
