@@ -6,7 +6,7 @@ import timm
 import torch
 from PIL import Image
 
-from common import UserError  # noqa: E402
+from support import one_line_error  # noqa: E402
 from dataset import build_transform, load_image  # noqa: E402
 from model import create_model, data_config, load_checkpoint, param_groups, to_probs  # noqa: E402
 
@@ -15,14 +15,6 @@ DAISY = 985
 
 def images(n=2, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-def one_line_error(call):
-    with pytest.raises(UserError) as err:
-        call()
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 # ---- heads and probabilities ---------------------------------------------------------------------

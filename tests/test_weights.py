@@ -8,17 +8,9 @@ import timm
 import torch
 
 import weights
-from common import UserError
+from support import one_line_error
 
 PUBLISHED_SHA256 = "dd800a39fa8c765a38fe546cbe4dadbf1488cb70653a1c87cac2e7b417d06513"  # shared/weights/README.md
-
-
-def one_line_error(call):
-    with pytest.raises(UserError) as err:
-        call()
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_conversion_renames_every_package_tensor_onto_timm_in_order(lite0_path):
