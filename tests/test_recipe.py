@@ -17,6 +17,7 @@ import decision  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
+from model import check_model_name  # noqa: E402
 from dataset import HalfCutMix, build_table, rarest_classes, training_labels  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
@@ -207,3 +208,11 @@ def test_inference_answers_with_an_applied_rule_and_records_it(tiny_run_dir, tmp
         inference.main(["--data_dir", str(EVAL), "--model_dir", str(run_dir), "--output_dir", str(tmp_path / "x"),
                         "--num_workers", "0"])
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_are_valid_settings(recipe):
+    """Every recipe parses with train.py's own checks and names a timm model; its run folder is its name."""
+    args = train.parse_args(["--config", str(recipe)])
+    check_model_name(args.model)
+    assert args.name == recipe.stem and args.head == "multi" and args.decision != "off"
