@@ -459,14 +459,14 @@ def check_image(path):
 
 
 def without_unreadable(table, data_dir, bad, skip):
-    """(table, bad as (relative path, reason)): unreadable images (find_bad_images) stop the run, or with skip
-    are dropped."""
+    """(table, bad): unreadable images ((path, reason) from find_bad_images) stop the run, or with skip are
+    dropped from the table."""
     if bad and not skip:
         raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
                         + " — replace them or pass --skip_bad_images")
     bad_files = {p for p, _ in bad}
     keep = [str(Path(data_dir) / p) not in bad_files for p in table["path"]]
-    return table[keep].reset_index(drop=True), [(os.path.relpath(p, data_dir), r) for p, r in bad]
+    return table[keep].reset_index(drop=True), bad
 
 
 def find_bad_images(paths, workers=None):

@@ -2,7 +2,7 @@
 
     loader = make_data_loader(dataset, sampler, batch_size, cfg, train=True)   # seeded, persistent workers
     read = image_reader(cfg, n_images, exact)          # load_image, or a decoded-image cache reader
-    warm_cache(table, cfg, rank, world)                # fill the cache on every core before fold 0
+    bad = warm_cache(table, cfg, rank, world)          # decode every image once (filling the cache), name bad ones
 
 - Decoded-image cache: each image decoded once, resized to the input size and kept as raw uint8 in RAM
   (/dev/shm, removed when the run ends; runs killed before that are cleaned by the next run) or on disk.
@@ -30,8 +30,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from common import UserError, atomic_write, in_range
-from dataset import (DECODE_ERRORS, build_transform, interpolation_mode, load_image, read_boxes, resize_ops,
-                     resizes_first)
+from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, load_image, read_boxes,
+                     resize_ops, resizes_first)
 from model import predict_probs
 
 
@@ -103,31 +103,41 @@ def remove_abandoned_caches(ram_dir):
 
 def fill_cache(read, items, workers=None):
     """Decode (path, draft_size, box) items through read (a cached_image reader) on every core, so the first
-    epoch reads a warm cache; an image that fails is left to the loader, which names it."""
+    epoch reads a warm cache; returns [(path, reason)] of the images that did not decode."""
     with Pool(workers or os.cpu_count(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        pool.starmap(partial(cache_one, read), items, chunksize=32)
+        reasons = pool.starmap(partial(cache_one, read), items, chunksize=32)
+    return [(item[0], reason) for item, reason in zip(items, reasons) if reason is not None]
 
 
 def cache_one(read, path, draft_size, box):
+    """None when the image decodes (and is now in the cache), else why not."""
     try:
         read(path, draft_size, box)
-    except DECODE_ERRORS:
-        pass  # --skip_bad_images dropped it from the table already, or the loader reports it
+        return None
+    except DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
 
 
 def warm_cache(table, cfg, rank=0, world=1):
-    """With the cache on, rank 0 decodes every image into it on all cores before fold 0 trains."""
+    """Every image decoded once before fold 0, on all cores (rank 0): with the cache on that pass fills it (the
+    first epoch then reads it warm), else it only checks them (dataset.find_bad_images). Returns [(path, reason)]
+    of the images that do not decode, on every rank."""
     size = cfg.input_size
     exact = resizes_first(build_transform(cfg.augmentation, size, cfg.interpolation, train=True))
-    read = image_reader(cfg, len(table), exact)
-    if rank == 0 and read is not load_image:
+    read, bad = image_reader(cfg, len(table), exact), []
+    files = [str(Path(cfg.data_dir) / p) for p in table["path"]]
+    if rank == 0 and read is load_image:
+        bad = find_bad_images(files)
+    elif rank == 0:
         boxes = read_boxes(cfg.crop, table["path"], cfg.crop_margin) if cfg.crop else [None] * len(table)
         start = time.perf_counter()
-        fill_cache(read, [(str(Path(cfg.data_dir) / p), (size[2], size[1]), box)
-                          for p, box in zip(table["path"], boxes)])
+        bad = fill_cache(read, [(f, (size[2], size[1]), box) for f, box in zip(files, boxes)])
         print(f"cache: {len(table)} images decoded at {size[1]}x{size[2]} in {time.perf_counter() - start:.0f} s")
     if world > 1:
-        torch.distributed.barrier()
+        box = [bad]
+        torch.distributed.broadcast_object_list(box)
+        bad = box[0]
+    return bad
 
 
 # ---- loaders: seeded per-image augmentation, persistent workers ---------------------------------------

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import runs
 import speed
 from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
-from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, find_bad_images, rarest_classes,
+from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, rarest_classes,
                      read_boxes, resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
                      without_unreadable)
 from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
@@ -180,12 +180,12 @@ def run_settings(args, run_dir):
     return cfg, table, notes
 
 
-def new_run(args, rank):
+def new_run(args, rank, world):
     """(settings, table) of a new run, its folder started with config.json and folds.csv."""
     run_dir = from_rank0(runs.increment_path(Path(args.model_dir) / args.name) if rank == 0 else None)
     cfg, table, notes = run_settings(args, run_dir)
-    bad = from_rank0(find_bad_images([str(Path(cfg.data_dir) / p) for p in table["path"]]) if rank == 0 else [])
-    table, bad = without_unreadable(table, cfg.data_dir, bad, cfg.skip_bad_images)
+    table, bad = without_unreadable(table, cfg.data_dir, speed.warm_cache(table, cfg, rank, world),
+                                    cfg.skip_bad_images)
     if rank == 0:
         print(f"layout: {cfg.layout}\n{summarize(table, cfg.classes, notes)}\nrun folder: {run_dir}")
         runs.start_run(run_dir, vars(cfg), table, bad)
@@ -201,7 +201,7 @@ def main(argv=None):
         cfg, table = runs.resume_settings(args, given_names(build_parser, argv), SAFE_ON_RESUME)
         check_args(cfg, table)
     else:
-        cfg, table = new_run(args, rank)
+        cfg, table = new_run(args, rank, world)
     run_dir = Path(cfg.run_dir)
     folds = [cfg.fold] if cfg.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
     if cfg.fold_per_device and torch.cuda.device_count() > 1 and cfg.fold is None:
@@ -209,7 +209,7 @@ def main(argv=None):
     todo = [fold for fold in folds if not runs.fold_finished(run_dir, fold)]
     if rank == 0:
         print(f"device: {device}" + "".join(f"\nfold {f}: finished earlier, kept" for f in folds if f not in todo))
-    if todo:
+    if todo and args.resume:  # a new run's images were decoded (into the cache) by new_run's check
         speed.warm_cache(table, cfg, rank, world)
     for fold in todo:
         try:
