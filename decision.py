@@ -182,7 +182,8 @@ def fit(oof_probs, labels, folds, prior, rule="prior"):
     gains = temperature_check(probs, labels, folds, prior, grid, plain)
     return DecisionRule(rule=rule, params=best_params(probs, labels, prior, grid), prior=prior.tolist(),
                         n_classes=n_classes, oof_macro_f1=plain, cross_fitted_macro_f1=crossed,
-                        applied=bool(crossed > plain), robust=bool(crossed > plain and min(gains.values()) > 0),
+                        applied=bool(crossed > plain + 1e-9),  # not for a float-rounding "gain"
+                        robust=bool(crossed > plain + 1e-9 and min(gains.values()) > 0),
                         per_class_f1_before=per_class_f1(labels, plain_preds, n_classes).round(6).tolist(),
                         per_class_f1_after=per_class_f1(labels, crossed_preds, n_classes).round(6).tolist(),
                         fold_params=fold_params, temperature_check=gains)
@@ -244,7 +245,7 @@ def summary(rule):
     rarest = np.argsort(rule.prior)[:3]
     lines = [f"rule {rule.rule} {rule.params} (per fold: {list(rule.fold_params.values())})",
              f"plain argmax OOF macro F1 {rule.oof_macro_f1:.4f}, cross-fitted {rule.cross_fitted_macro_f1:.4f} "
-             f"(gain {rule.cross_fitted_macro_f1 - rule.oof_macro_f1:+.4f}) -> applied={rule.applied}",
+             f"(gain {rule.cross_fitted_macro_f1 - rule.oof_macro_f1:+.5f}) -> applied={rule.applied}",
              f"tempered-probability gains {rule.temperature_check} -> robust={rule.robust}",
              "rarest classes " + ", ".join(f"{c}: F1 {before[c]:.3f} -> {after[c]:.3f}" for c in rarest)]
     return "\n".join(lines)
