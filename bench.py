@@ -247,7 +247,7 @@ def make_reference(rows, cfg, device):
     dataset = BaselineDataset(files, rows["label"].to_numpy(), tuple(cfg.input_size[1:]), cfg.mean, cfg.std)
     loader = DataLoader(dataset, cfg.batch_size, shuffle=True, num_workers=speed.loader_workers(cfg),
                         pin_memory=torch.cuda.is_available())
-    model = create_model(cfg.model, len(cfg.classes), cfg.head, pretrained=False).backbone.to(device)
+    model = create_model(cfg.model, len(cfg.classes), "single", pretrained=False).backbone.to(device)  # 18-way
     return model, train.OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, cfg.weight_decay), loader
 
 

@@ -61,9 +61,8 @@ def load_run(run_dir, folds=None, which="best", device="cpu"):
                         + ": train first or check --folds")
     models = []
     for path in paths:
-        model, saved = load_checkpoint(path, device)
-        check_same_run(saved, config, path, "copy the right checkpoint or train again")
-        models.append(model)
+        models.append(load_checkpoint(path, device, lambda saved: check_same_run(
+            saved, config, path, "copy the right checkpoint or train again"))[0])
     return models, config
 
 

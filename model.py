@@ -158,12 +158,15 @@ def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False):
     return groups
 
 
-def load_checkpoint(path, device="cpu"):
-    """A model saved by train.py and its config (model name, head, classes, input size)."""
+def load_checkpoint(path, device="cpu", check=None):
+    """A model saved by train.py and its config (model name, head, classes, input size); check(config), if
+    given, runs before the model is built (e.g. that the checkpoint belongs to the run it was found in)."""
     checkpoint = load_torch_file(path, "checkpoint", "train first, or check --model_dir")
     if not isinstance(checkpoint, dict) or "config" not in checkpoint:
         raise UserError(f"{path} was not saved by train.py (no config); use it with --weights instead")
     config = checkpoint["config"]
+    if check is not None:
+        check(config)
     model = create_model(config["model"], len(config["classes"]), config["head"], pretrained=False)
     try:
         model.load_state_dict(checkpoint["model"])

@@ -289,8 +289,8 @@ def test_nan_loss_between_progress_updates_names_its_own_step(tmp_path, clean_da
             calls.append(1)
             return torch.nn.functional.cross_entropy(logits, target) * (float("nan") if len(calls) == 3 else 1)
     monkeypatch.setattr(train, "create_criterion", lambda *args, **kwargs: LaterNan())
-    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, *TINY, "--num_workers", 0,
-                                                 "--log_interval", 50, "--model_dir", tmp_path, "--name", "x"])
+    code, err = cli(monkeypatch, capsys, train, ["--data_dir", clean_data, *TINY, "--num_workers", 0, "--head",
+                                                 "single", "--log_interval", 50, "--model_dir", tmp_path, "--name", "x"])
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: loss is nan at epoch 1 step 2;")
 
 
