@@ -63,7 +63,7 @@ def decision_scores(run_dir):
     if not path.is_file():
         return None, None
     decision = read_json(path)
-    return decision.get("cross_fitted_f1", decision.get("cross_fitted_macro_f1")), decision.get("applied")
+    return decision.get("cross_fitted_macro_f1"), decision.get("applied")  # decision.py's DecisionRule fields
 
 
 def learning_curve(run_dir):
