@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from common import UserError, atomic_write
 from dataset import PSEUDO_FOLD
@@ -50,8 +51,7 @@ def write_json(path, data):
 
 
 def library_versions():
-    import timm  # imported here: only the config needs their versions
-    import torch
+    import timm  # imported here: report.py and the other readers of run folders do without it
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "pandas": pd.__version__, "numpy": np.__version__}
 
@@ -112,7 +112,6 @@ def read_folds(run_dir):
 # ---- checkpoints ----------------------------------------------------------------------------------
 def save_checkpoint(path, model, config, extra):
     """Weights + config (+ resume state) in one atomic write."""
-    import torch
     atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config, **extra}, tmp))
 
 
@@ -126,7 +125,7 @@ def check_same_run(saved, config, path, fix):
 
 def load_last(path, config):
     """A fold's last.pth (weights and resume state) checked against the run's config."""
-    from model import load_torch_file  # imported here: torch only when a fold resumes
+    from model import load_torch_file  # imported here: report.py reads run folders without the model code
     state = load_torch_file(path, "checkpoint", "delete it to retrain the fold", weights_only=False)
     if not isinstance(state, dict) or "optimizer" not in state:
         raise UserError(f"{path} holds no resume state: delete it to retrain the fold")

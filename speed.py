@@ -2,7 +2,7 @@
 
     loader = make_data_loader(dataset, sampler, batch_size, cfg, train=True)   # seeded, persistent workers
     read = image_reader(cfg, n_images, exact)          # load_image, or a decoded-image cache reader
-    bad = warm_cache(table, cfg, rank, world)          # decode every image once (filling the cache), name bad ones
+    bad = warm_cache(table, cfg, rank)                 # decode every image once (filling the cache), name bad ones
 
 - Decoded-image cache: each image decoded once, resized to the input size and kept as raw uint8 in RAM
   (/dev/shm, removed when the run ends; runs killed before that are cleaned by the next run) or on disk.
@@ -32,6 +32,7 @@ from torchvision.transforms import v2 as T
 from common import UserError, atomic_write, in_range
 from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, load_image, read_boxes,
                      resize_ops, resizes_first)
+from distributed import from_rank0
 from model import predict_probs
 
 
@@ -118,7 +119,7 @@ def cache_one(read, path, draft_size, box):
         return f"{type(err).__name__}: {err}"
 
 
-def warm_cache(table, cfg, rank=0, world=1):
+def warm_cache(table, cfg, rank=0):
     """Every image decoded once before fold 0, on all cores (rank 0): with the cache on that pass fills it (the
     first epoch then reads it warm), else it only checks them (dataset.find_bad_images). Returns [(path, reason)]
     of the images that do not decode, on every rank."""
@@ -133,11 +134,7 @@ def warm_cache(table, cfg, rank=0, world=1):
         start = time.perf_counter()
         bad = fill_cache(read, [(f, (size[2], size[1]), box) for f, box in zip(files, boxes)])
         print(f"cache: {len(table)} images decoded at {size[1]}x{size[2]} in {time.perf_counter() - start:.0f} s")
-    if world > 1:
-        box = [bad]
-        torch.distributed.broadcast_object_list(box)
-        bad = box[0]
-    return bad
+    return from_rank0(bad)
 
 
 # ---- loaders: seeded per-image augmentation, persistent workers ---------------------------------------

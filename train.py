@@ -180,11 +180,11 @@ def run_settings(args, run_dir):
     return cfg, table, notes
 
 
-def new_run(args, rank, world):
+def new_run(args, rank):
     """(settings, table) of a new run, its folder started with config.json and folds.csv."""
     run_dir = from_rank0(runs.increment_path(Path(args.model_dir) / args.name) if rank == 0 else None)
     cfg, table, notes = run_settings(args, run_dir)
-    table, bad = without_unreadable(table, cfg.data_dir, speed.warm_cache(table, cfg, rank, world),
+    table, bad = without_unreadable(table, cfg.data_dir, speed.warm_cache(table, cfg, rank),
                                     cfg.skip_bad_images)
     if rank == 0:
         print(f"layout: {cfg.layout}\n{summarize(table, cfg.classes, notes)}\nrun folder: {run_dir}")
@@ -201,7 +201,7 @@ def main(argv=None):
         cfg, table = runs.resume_settings(args, given_names(build_parser, argv), SAFE_ON_RESUME)
         check_args(cfg, table)
     else:
-        cfg, table = new_run(args, rank, world)
+        cfg, table = new_run(args, rank)
     run_dir = Path(cfg.run_dir)
     folds = [cfg.fold] if cfg.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
     if cfg.fold_per_device and torch.cuda.device_count() > 1 and cfg.fold is None:
@@ -210,7 +210,7 @@ def main(argv=None):
     if rank == 0:
         print(f"device: {device}" + "".join(f"\nfold {f}: finished earlier, kept" for f in folds if f not in todo))
     if todo and args.resume:  # a new run's images were decoded (into the cache) by new_run's check
-        speed.warm_cache(table, cfg, rank, world)
+        speed.warm_cache(table, cfg, rank)
     for fold in todo:
         try:
             log = train_fold(fold, table, cfg, device, rank, world)
