@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -417,14 +418,39 @@ def read_pseudo_labels(probs_csv, test_dir, classes, threshold):
 
 
 # ---- images ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CenterShare:
+    """A centred crop keeping these shares of an image's height and width, whatever its size: the baseline's
+    CenterCrop(320, 256) of the 512x384 mask photos is CenterShare(0.625, 0.667)."""
+    height: float
+    width: float
+
+    def box(self, width, height):
+        """(x0, y0, x1, y1) in whole pixels of an image of this size."""
+        keep_w, keep_h = max(1, round(width * self.width)), max(1, round(height * self.height))
+        x0, y0 = (width - keep_w) // 2, (height - keep_h) // 2
+        return (x0, y0, x0 + keep_w, y0 + keep_h)
+
+
+def image_boxes(paths, crop=None, margin=0.2, center_crop=None):
+    """Per-image crop boxes for ImageDataset/load_image: crop_faces.py's face boxes (a CSV, widened by margin),
+    one centred share of every image (center_crop: (height share, width share)), or None for whole images."""
+    if crop and center_crop:
+        raise UserError("--crop (face boxes) and --center_crop both crop the images: choose one")
+    if crop:
+        return read_boxes(crop, paths, margin)
+    return [CenterShare(*center_crop)] * len(paths) if center_crop else None
+
+
 def load_image(path, draft_size=None, box=None):
     """RGB PIL image with EXIF orientation applied; JPEGs decode at reduced size when draft_size
-    (w, h) is small (several times faster); box (x0, y0, x1, y1, in full-size pixels) crops."""
+    (w, h) is small (several times faster); box (x0, y0, x1, y1, in full-size pixels, or a CenterShare) crops."""
     with Image.open(path) as image:
         full_w, full_h = image.size
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
+        shown = (full_h, full_w) if turned else (full_w, full_h)
+        box = box.box(*shown) if isinstance(box, CenterShare) else box
         if draft_size and image.format == "JPEG":
-            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
-            shown = (full_h, full_w) if turned else (full_w, full_h)
             region = (box[2] - box[0], box[3] - box[1]) if box is not None else shown  # what must be big enough
             scale = max(draft_size[0] / max(region[0], 1), draft_size[1] / max(region[1], 1))
             image.draft("RGB", (int(full_w * scale) + 1, int(full_h * scale) + 1))

@@ -123,7 +123,8 @@ def preprocess_info(config, models, files, rule=None):
         "files": files, "input_name": "images", "output_name": "probs",
         "input_size": {"height": height, "width": width}, "layout": "NCHW", "channel_order": "RGB",
         "dtype": "float32", "value_range": [0, 255], "batch": "dynamic",
-        "resize": f"stretch the whole image to {width}x{height} (no crop, aspect not kept), {interpolation}, "
+        "resize": f"stretch the {'centre crop below' if config.get('center_crop') else 'whole image'} to "
+                  f"{width}x{height} (aspect not kept), {interpolation}, "
                   f"after EXIF orientation; Pillow: image.resize(({width}, {height}), Image.{interpolation.upper()})",
         "interpolation": interpolation,
         "normalization": "inside the model: do not subtract mean or divide by std yourself",
@@ -131,6 +132,9 @@ def preprocess_info(config, models, files, rule=None):
         "output": "class probabilities, N x C, rows sum to 1, column i = classes[i]",
         "classes": config["classes"], "task_layout": config["layout"], "head": config["head"],
         "model": config["model"], "models": models,
+        "center_crop": ({"height_share": config["center_crop"][0], "width_share": config["center_crop"][1],
+                         "note": "keep the centre of the image, these shares of its height and width, before resizing"}
+                        if config.get("center_crop") else None),
         "face_crop": ({"boxes": config["crop"], "margin": config["crop_margin"],
                        "note": "trained on MTCNN face crops (crop_faces.py): crop the face box widened by margin "
                                "of its size on each side before resizing"} if config.get("crop") else None),

@@ -25,7 +25,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import build_transform, check_image, load_image, read_boxes
+from dataset import build_transform, check_image, image_boxes, load_image
 from inference import load_run
 from model import pick_device, to_probs
 from report import read_run, worst_predictions
@@ -97,7 +97,8 @@ def worst_errors(args):
     crop = args.crop or config.get("crop")
     if crop and not Path(crop).is_file():
         raise UserError(f"boxes file {crop} (the run was trained on crops) not found: pass --crop")
-    boxes = read_boxes(crop, list(worst["path"]), config["crop_margin"]) if crop else [None] * len(worst)
+    boxes = (image_boxes(list(worst["path"]), crop, config["crop_margin"], config.get("center_crop"))
+             or [None] * len(worst))
     return [{"file": str(data_dir / r.path), "name": r.path, "label": int(r.label), "fold": int(r.fold), "box": b}
             for r, b in zip(worst.itertuples(), boxes)]
 
@@ -142,8 +143,9 @@ def main():
     config = next(iter(runs.values()))[1]
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
     classes, rows = config["classes"], []
+    center = image_boxes([None], center_crop=config.get("center_crop"))  # --images of a run trained on centre crops
     for number, item in enumerate(images):
-        photo = load_image(item["file"], box=item["box"])
+        photo = load_image(item["file"], box=item["box"] if item["box"] is not None or center is None else center[0])
         heat, probs = explain(runs[item["fold"]][0][0], config, transform(photo).to(device))
         pred = int(probs.argmax())
         true = classes[item["label"]] if item["label"] is not None else "unknown"

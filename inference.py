@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import KitParser, UserError, atomic_write_all, in_range, run_main
-from dataset import ImageDataset, build_transform, find_bad_images, read_boxes, read_csv_checked, read_test_table
+from dataset import (ImageDataset, build_transform, find_bad_images, image_boxes, read_boxes, read_csv_checked,
+                     read_test_table)
 from model import load_checkpoint, predict_probs
 from decision import run_rule
 from runs import check_same_run, read_config
@@ -77,10 +78,11 @@ def load_ensemble(run_dirs, folds, which, device):
 
 def decoding_groups(runs):
     """[(config, models)] with the models of runs that read images alike (size, interpolation, head, memory
-    format) put together, so each group decodes the test images once for all its models."""
+    format, centre crop) put together, so each group decodes the test images once for all its models."""
     groups = {}
     for config, models in runs:
-        key = (tuple(config["input_size"]), config["interpolation"], config["head"], config["channels_last"])
+        key = (tuple(config["input_size"]), config["interpolation"], config["head"], config["channels_last"],
+               tuple(config.get("center_crop") or ()))
         groups.setdefault(key, (config, []))[1].extend(models)
     return list(groups.values())
 
@@ -90,6 +92,10 @@ def predict_run(config, models, files, boxes, args, device):
     a batch too large for the GPU is halved and the pass started again."""
     size, batch_size = config["input_size"], args.batch_size
     transform = build_transform("base", size, config["interpolation"], train=False)
+    if boxes is not None and config.get("center_crop"):
+        raise UserError(f"{config.get('run_dir', 'a run')} was trained with --center_crop, not on face boxes: "
+                        "leave out --crop")
+    boxes = boxes if boxes is not None else image_boxes(files, center_crop=config.get("center_crop"))
     dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
     while True:
         loader = DataLoader(dataset, batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())

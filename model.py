@@ -13,6 +13,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 from common import UserError, lookup
@@ -146,16 +147,41 @@ def head_parameters(model):
     return list(model.backbone.get_classifier().parameters())
 
 
-def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False):
-    """Optimizer groups: the head at lr, the backbone at lr * backbone_lr_scale (or frozen)."""
+def early_parameters(model, blocks):
+    """The parameters of the backbone's stem and its first `blocks` block groups (timm's coarse group_matcher:
+    EfficientNet's blocks.0, blocks.1, ...; ResNet's layer1, ...), the layers that see the largest feature maps."""
+    backbone = model.backbone
+    groups = list(group_parameters(backbone, backbone.group_matcher(coarse=True)).values())
+    if blocks > len(groups) - 3:  # stem ... blocks ... head: the last block group stays trainable
+        raise UserError(f"--freeze_blocks {blocks}: this backbone has {len(groups) - 2} block groups, so at most "
+                        f"{max(len(groups) - 3, 0)} can be frozen (or --freeze_backbone for a linear probe)")
+    early = {name for names in groups[:blocks + 1] for name in names}
+    return [p for name, p in backbone.named_parameters() if name in early]
+
+
+def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False, freeze_blocks=0):
+    """Optimizer groups: the head at lr, the backbone at lr * backbone_lr_scale; frozen (no gradient): the whole
+    backbone, or with freeze_blocks=N > 0 its stem and first N block groups."""
     head_ids = {id(p) for p in head_parameters(model)}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
+    frozen = backbone if freeze_backbone else early_parameters(model, freeze_blocks) if freeze_blocks else []
+    frozen = {id(p) for p in frozen}
     for p in backbone:
-        p.requires_grad_(not freeze_backbone)
+        p.requires_grad_(id(p) not in frozen)
     groups = [{"params": head_parameters(model), "lr": lr}]
-    if not freeze_backbone:
-        groups.append({"params": backbone, "lr": lr * backbone_lr_scale})
+    trained = [p for p in backbone if id(p) not in frozen]
+    if trained:
+        groups.append({"params": trained, "lr": lr * backbone_lr_scale})
     return groups
+
+
+def keep_frozen_statistics(model):
+    """BatchNorm layers whose weights are frozen keep their running statistics as loaded (eval mode), so a
+    frozen layer computes exactly what it did in pre-training; call after model.train()."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None \
+                and not module.weight.requires_grad:
+            module.eval()
 
 
 def load_checkpoint(path, device="cpu", check=None):

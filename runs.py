@@ -99,7 +99,8 @@ def resume_settings(args, given, safe):
     if refused:
         raise UserError(f"--resume keeps the run's settings; {', '.join('--' + k for k in refused)} cannot change "
                         f"(only {', '.join('--' + k for k in safe)} can): start a new run instead")
-    settings = {**saved, **{k: vars(args)[k] for k in given & set(safe)}, "resume": str(args.resume),
+    # a flag newer than the run takes its default (what the run was trained with: new flags default to off)
+    settings = {**vars(args), **saved, **{k: vars(args)[k] for k in given & set(safe)}, "resume": str(args.resume),
                 "run_dir": str(args.resume)}
     return argparse.Namespace(**settings), read_folds(args.resume)
 

@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from common import UserError, atomic_write, in_range
-from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, load_image, read_boxes,
+from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, image_boxes, load_image,
                      resize_ops, resizes_first)
 from distributed import from_rank0
 from model import predict_probs
@@ -130,7 +130,7 @@ def warm_cache(table, cfg, rank=0):
     if rank == 0 and read is load_image:
         bad = find_bad_images(files)
     elif rank == 0:
-        boxes = read_boxes(cfg.crop, table["path"], cfg.crop_margin) if cfg.crop else [None] * len(table)
+        boxes = image_boxes(table["path"], cfg.crop, cfg.crop_margin, cfg.center_crop) or [None] * len(table)
         start = time.perf_counter()
         bad = fill_cache(read, [(f, (size[2], size[1]), box) for f, box in zip(files, boxes)])
         print(f"cache: {len(table)} images decoded at {size[1]}x{size[2]} in {time.perf_counter() - start:.0f} s")
@@ -262,7 +262,7 @@ def feature_training(model, rows, loaders, cfg, device, plain_loader):
     and --resume see the same epochs). plain_loader(rows) is an unshuffled image loader for the features."""
     views = 2 if cfg.augmentation == "flip" else 1
     key = (backbone_digest(model), views, tuple(cfg.input_size), str(Path(cfg.data_dir).resolve()), cfg.crop,
-           cfg.crop_margin)
+           cfg.crop_margin, cfg.center_crop)
     if key not in FEATURE_MEMO:
         FEATURE_MEMO.clear()  # one backbone's features at a time
         FEATURE_MEMO[key] = {"features": {}, "shape": None}

@@ -34,14 +34,14 @@ from tqdm import tqdm
 import runs
 import speed
 from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
-from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, rarest_classes,
-                     read_boxes, resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
+from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, image_boxes, rarest_classes,
+                     resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
                      without_unreadable)
 from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
                          setup_distributed)
 from loss import check_finite, create_criterion
-from model import (amp_dtype, autocast, check_input_size, create_model, data_config, out_of_memory, param_groups,
-                   predict_probs, to_device, to_probs)
+from model import (amp_dtype, autocast, check_input_size, create_model, data_config, early_parameters,
+                   keep_frozen_statistics, out_of_memory, param_groups, predict_probs, to_device, to_probs)
 
 OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
               "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
@@ -62,6 +62,9 @@ def build_parser():
     data.add_argument("--dataset", dest="layout", help="alias of --layout (the baseline's name)")
     data.add_argument("--crop", default=None, help="boxes CSV from crop_faces.py: train on the crops")
     data.add_argument("--crop_margin", type=in_range(float, 0), default=0.2, help="box widened by this share")
+    data.add_argument("--center_crop", type=in_range(float, 0, 1, low_open=True), nargs=2, default=None,
+                      metavar=("H", "W"), help="keep the centre H x W share of every image (train and test), e.g. "
+                      "0.625 0.667: the baseline's 320x256 of 512x384, more pixels on the face")
     data.add_argument("--skip_bad_images", action="store_true", help="drop unreadable images instead of stopping")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tf_efficientnet_lite0", help="any timm.list_models() name")
@@ -72,6 +75,8 @@ def build_parser():
                             "layout (measured better there), else single")
     model.add_argument("--resize", type=in_range(int, 1), nargs="+", help="input H [W] (default: the model's)")
     model.add_argument("--freeze_backbone", action="store_true", help="train the head only")
+    model.add_argument("--freeze_blocks", type=in_range(int, 0), default=0, help="keep the stem and the first N "
+                       "block groups pretrained: faster steps (no gradient over the largest maps), less to overfit")
     loss = p.add_argument_group("loss")
     loss.add_argument("--criterion", default="ce", help="ce, label_smoothing, focal, f1, weighted_ce or a+b")
     loss.add_argument("--criterion_weights", type=float_list, default=None, help="weights of a+b criteria: 0.7,0.3")
@@ -147,12 +152,13 @@ def check_args(cfg, table):
                         f"(mask/gender/age), not {cfg.layout}; leave it out")
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise UserError(f"--fold {cfg.fold} is not one of the {cfg.folds} folds (0..{cfg.folds - 1})")
+    if cfg.freeze_backbone and cfg.freeze_blocks:
+        raise UserError("--freeze_backbone freezes every block: leave out --freeze_blocks")
     if cfg.freeze_backbone and cfg.backbone_lr_scale != 1.0:
         raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
     if cfg.crop and cfg.pseudo_labels:
         raise UserError("--pseudo_labels with --crop is not supported: the boxes file has no test images")
-    if cfg.crop:
-        read_boxes(cfg.crop, table["path"], cfg.crop_margin)  # a missing file or box fails now, not in fold 0
+    image_boxes(table["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)  # a bad boxes file fails now, not in fold 0
     make_criterion(cfg, len(cfg.classes), table["label"])  # a bad --criterion fails before any image is read
 
 
@@ -172,6 +178,7 @@ def run_settings(args, run_dir):
                          weights=args.weights)
     model_config = data_config(model.backbone, args.resize)
     check_input_size(model, args.model, model_config["input_size"], data_config(model.backbone)["input_size"])
+    early_parameters(model, args.freeze_blocks)  # more blocks than the backbone has fail now
     cfg = argparse.Namespace(**runs.make_config(vars(args), classes, layout, model_config, run_dir))
     check_args(cfg, table)
     if cfg.pseudo_labels:
@@ -229,7 +236,7 @@ def main(argv=None):
 def make_loader(rows, cfg, train, rank=0, world=1):
     """DataLoader over table rows; training shuffles (or class-balances), validation keeps order."""
     files = [str(Path(cfg.data_dir) / p) for p in rows["path"]]
-    boxes = read_boxes(cfg.crop, rows["path"], cfg.crop_margin) if cfg.crop else None
+    boxes = image_boxes(rows["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)
     transform = build_transform(cfg.augmentation, cfg.input_size, cfg.interpolation, train=train)
     read = speed.image_reader(cfg, len(rows), resizes_first(transform))
     labels = training_labels(rows, cfg.train_age_bounds) if train else rows["label"].to_numpy()
@@ -277,7 +284,8 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
     model = create_model(cfg.model, len(cfg.classes), cfg.head, pretrained=cfg.pretrained or bool(cfg.weights),
                          weights=cfg.weights).to(device)
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    optimizer = OPTIMIZERS[cfg.optimizer](param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.freeze_backbone),
+    optimizer = OPTIMIZERS[cfg.optimizer](param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.freeze_backbone,
+                                                      cfg.freeze_blocks),
                                           cfg.lr, cfg.weight_decay)
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
     scheduler = SCHEDULERS[cfg.scheduler] and create_scheduler_v2(
@@ -350,10 +358,7 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
     """One pass over the training loader; returns (mean loss, macro F1, images/s). Losses and predictions stay
     on the device until a progress update, so a GPU is not made to wait for the host after every step."""
     t.net.train()
-    if cfg.freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics as loaded (a true linear probe)
-        for module in t.model.backbone.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    keep_frozen_statistics(t.model)  # --freeze_backbone is then a true linear probe
     dtype, steps = amp_dtype(device, cfg.amp), len(loader)
     total_loss, seen, preds, labels, recent = torch.zeros((), device=device), 0, [], [], []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, mininterval=1.0,

@@ -19,6 +19,7 @@ import train  # noqa: E402
 from common import UserError  # noqa: E402
 from model import check_model_name  # noqa: E402
 from dataset import HalfCutMix, build_table, rarest_classes, training_labels  # noqa: E402
+from support import one_line_error  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 EVAL = ROOT / "sample" / "eval"
@@ -77,6 +78,28 @@ def test_frozen_backbone_keeps_its_batchnorm_statistics_on_the_image_path(tmp_pa
     head = {"backbone." + k for k in fold.model.backbone.get_classifier().state_dict(prefix="fc.")}
     assert all(torch.equal(before[k], after[k]) for k in before if k not in head)  # running stats too
     assert any(not torch.equal(before[k], after[k]) for k in head)
+
+
+def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(tmp_path):
+    """--freeze_blocks 1: the stem and layer1 (weights and BatchNorm statistics) stay as loaded, later layers and
+    the head learn; more groups than the backbone has is one line."""
+    args = train.parse_args([*TINY, "--freeze_blocks", "1", "--batch_size", "16"])
+    cfg, table, _ = train.run_settings(args, tmp_path / "run")
+    rows = table.head(48)
+    loader = train.make_loader(rows, cfg, True)
+    fold = train.build_fold(cfg, rows, len(loader), torch.device("cpu"))
+    before = {k: v.clone() for k, v in fold.model.state_dict().items()}
+    loader.sampler.set_epoch(1, 0)
+    train.train_one_epoch(fold, loader, cfg, torch.device("cpu"), 0, show=False)
+    after = fold.model.state_dict()
+    early = [k for k in before if k.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))]
+    late = [k for k in before if k.startswith(("backbone.layer2.", "backbone.layer3.", "backbone.fc."))
+            and before[k].is_floating_point()]
+    assert early and all(torch.equal(before[k], after[k]) for k in early)  # running stats too
+    assert late and all(not torch.equal(before[k], after[k]) for k in late if k.endswith("weight"))
+    message = one_line_error(lambda: train.run_settings(train.parse_args([*TINY, "--freeze_blocks", "9"]),
+                                                        tmp_path / "run2"))
+    assert "--freeze_blocks 9" in message and "at most 3" in message and not (tmp_path / "run2").exists()
 
 
 @pytest.mark.parametrize("settings, message", [
