@@ -410,6 +410,12 @@ BAD_INPUTS = {  # case: (script, its arguments made from the workspace w, expect
                                           "--head multi needs the mask layout"),
     "--freeze_backbone with --backbone_lr_scale": (train, lambda w: training(
         w.clean, w, "--freeze_backbone", "--backbone_lr_scale", 0.1), "conflict"),
+    "--freeze_blocks beyond the backbone": (train, lambda w: training(w.clean, w, "--freeze_blocks", 4),
+                                            "--freeze_blocks 4: this backbone has 4 block groups"),
+    "--center_crop share over 1": (train, lambda w: training(w.clean, w, "--center_crop", 0.5, 1.5),
+                                   "--center_crop"),
+    "--center_crop with --crop": (train, lambda w: training(w.clean, w, "--center_crop", 0.5, 0.5, "--crop",
+                                                            w.tmp / "boxes.csv"), "choose one"),
     "unknown config key": (train, lambda w: training(w.clean, w, "--config", config_file(
         w, {"epochs": 1, "learnig_rate": 0.1})), "unknown settings learnig_rate"),
     "--resume of a folder that is no run": (train, lambda w: ["--resume", w.tmp], "--resume takes a run folder"),
