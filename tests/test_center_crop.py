@@ -1,18 +1,22 @@
-"""--center_crop: the centre share of every picture, the same in training (OOF), inference, the demo page and
-Grad-CAM, whatever each picture's size and EXIF orientation."""
+"""--center_crop: the centre share of every picture, whatever its size and EXIF orientation, cut alike in
+training (OOF) and inference."""
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
+import inference
+import train
+from common import UserError
 from dataset import CenterShare, image_boxes, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def quadrant_picture(path, size=(300, 400), exif_turn=False):
@@ -47,26 +51,17 @@ def test_center_share_keeps_the_centre_of_any_size(tmp_path):
 def test_center_crop_and_face_boxes_are_one_choice():
     assert image_boxes(["a.jpg", "b.jpg"]) is None
     assert image_boxes(["a.jpg"], center_crop=[0.5, 0.6]) == [CenterShare(0.5, 0.6)]
-    try:
+    with pytest.raises(UserError, match="--crop .* and --center_crop both crop the images: choose one"):
         image_boxes(["a.jpg"], crop="boxes.csv", center_crop=[0.5, 0.5])
-    except Exception as err:  # UserError
-        assert "--center_crop" in str(err) and "--crop" in str(err)
-    else:
-        raise AssertionError("both crops accepted")
-
-
-def run(args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_inference_crops_as_training_did(tmp_path):
     """Fold 0's validation pictures as a test set: inference gives the OOF probabilities only if it cuts the
     same centre as training did (with the crop taken out of config.json they change)."""
-    done = run(["train.py", "--data_dir", "sample/train", "--model", "test_resnet", "--no-pretrained", "--head",
+    train.main(["--data_dir", str(ROOT / "sample" / "train"), "--model", "test_resnet", "--no-pretrained", "--head",
                 "single", "--decision", "off", "--resize", "48", "36", "--epochs", "1", "--folds", "2", "--fold", "0",
-                "--batch_size", "32", "--num_workers", "0", "--no-report", "--amp", "off", "--center_crop", "0.5", "0.6",
-                "--model_dir", str(tmp_path), "--name", "run"])
-    assert done.returncode == 0, done.stderr[-2000:]
+                "--batch_size", "32", "--num_workers", "0", "--no-report", "--amp", "off", "--center_crop", "0.5",
+                "0.6", "--model_dir", str(tmp_path), "--name", "run"])
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["center_crop"] == [0.5, 0.6]
@@ -78,10 +73,9 @@ def test_inference_crops_as_training_did(tmp_path):
     pd.DataFrame({"ImageID": names, "ans": 0}).to_csv(tmp_path / "eval" / "info.csv", index=False)
     columns = [f"p{i}" for i in range(18)]
 
-    def predicted(output):
-        done = run(["inference.py", "--model_dir", str(run_dir), "--data_dir", str(tmp_path / "eval"),
-                    "--output_dir", str(tmp_path / output), "--amp", "off", "--num_workers", "0"])
-        assert done.returncode == 0, done.stderr[-2000:]
+    def predicted(output, *extra):
+        inference.main(["--model_dir", str(run_dir), "--data_dir", str(tmp_path / "eval"), "--output_dir",
+                        str(tmp_path / output), "--amp", "off", "--num_workers", "0", *extra])
         return pd.read_csv(tmp_path / output / "probs.csv")[columns].to_numpy()
 
     oof_probs = oof[columns].to_numpy()
@@ -91,8 +85,6 @@ def test_inference_crops_as_training_did(tmp_path):
     (run_dir / "config.json").write_text(json.dumps(config))
     boxes = tmp_path / "boxes.csv"  # valid face boxes, yet not what the run was trained on
     pd.DataFrame({"path": [f"images/{n}" for n in names], "x0": 0, "y0": 0, "x1": 20, "y1": 20}).to_csv(boxes)
-    refused = run(["inference.py", "--model_dir", str(run_dir), "--data_dir", str(tmp_path / "eval"),
-                   "--crop", str(boxes), "--output_dir", str(tmp_path / "y")])
-    lines = refused.stderr.strip().splitlines()
-    assert refused.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "--center_crop" in lines[0]
-    assert not (tmp_path / "y").exists()
+    with pytest.raises(UserError, match="trained with --center_crop") as refused:
+        predicted("refused", "--crop", str(boxes))
+    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
