@@ -262,7 +262,7 @@ def feature_training(model, rows, loaders, cfg, device, plain_loader):
     and --resume see the same epochs). plain_loader(rows) is an unshuffled image loader for the features."""
     views = 2 if cfg.augmentation == "flip" else 1
     key = (backbone_digest(model), views, tuple(cfg.input_size), str(Path(cfg.data_dir).resolve()), cfg.crop,
-           cfg.crop_margin, cfg.center_crop)
+           cfg.crop_margin, tuple(cfg.center_crop or ()))
     if key not in FEATURE_MEMO:
         FEATURE_MEMO.clear()  # one backbone's features at a time
         FEATURE_MEMO[key] = {"features": {}, "shape": None}

@@ -55,13 +55,15 @@ def test_center_crop_and_face_boxes_are_one_choice():
         image_boxes(["a.jpg"], crop="boxes.csv", center_crop=[0.5, 0.5])
 
 
-def test_inference_crops_as_training_did(tmp_path):
+@pytest.mark.parametrize("path", [[], ["--freeze_backbone"]], ids=["images", "stored_features"])
+def test_inference_crops_as_training_did(tmp_path, path):
     """Fold 0's validation pictures as a test set: inference gives the OOF probabilities only if it cuts the
-    same centre as training did (with the crop taken out of config.json they change)."""
+    same centre as training did (with the crop taken out of config.json they change); also on the frozen
+    backbone's feature path."""
     train.main(["--data_dir", str(ROOT / "sample" / "train"), "--model", "test_resnet", "--no-pretrained", "--head",
                 "single", "--decision", "off", "--resize", "48", "36", "--epochs", "1", "--folds", "2", "--fold", "0",
                 "--batch_size", "32", "--num_workers", "0", "--no-report", "--amp", "off", "--center_crop", "0.5",
-                "0.6", "--model_dir", str(tmp_path), "--name", "run"])
+                "0.6", "--model_dir", str(tmp_path), "--name", "run", *path])
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["center_crop"] == [0.5, 0.6]
