@@ -63,18 +63,22 @@ def test_mixup_needs_an_even_batch(tmp_path):
     assert train.parse_args([*TINY, "--mixup", "0.2", "--batch_size", "32"]).batch_size == 32
 
 
-def test_frozen_backbone_keeps_its_batchnorm_statistics_on_the_image_path(tmp_path):
-    """--freeze_backbone without the feature cache trains the head on images; BatchNorm keeps what it loaded."""
-    args = train.parse_args([*TINY, "--freeze_backbone", "--no-feature_cache", "--batch_size", "16", "--augmentation",
-                             "strong"])
-    cfg, table, _ = train.run_settings(args, tmp_path / "run")
+def one_epoch_states(tmp_path, *flags):
+    """(fold, state before, state after) of one training epoch on 48 sample images with these flags."""
+    cfg, table, _ = train.run_settings(train.parse_args([*TINY, "--batch_size", "16", *flags]), tmp_path / "run")
     rows = table.head(48)
     loader = train.make_loader(rows, cfg, True)
     fold = train.build_fold(cfg, rows, len(loader), torch.device("cpu"))
     before = {k: v.clone() for k, v in fold.model.state_dict().items()}
     loader.sampler.set_epoch(1, 0)
     train.train_one_epoch(fold, loader, cfg, torch.device("cpu"), 0, show=False)
-    after = fold.model.state_dict()
+    return fold, before, fold.model.state_dict()
+
+
+def test_frozen_backbone_keeps_its_batchnorm_statistics_on_the_image_path(tmp_path):
+    """--freeze_backbone without the feature cache trains the head on images; BatchNorm keeps what it loaded."""
+    fold, before, after = one_epoch_states(tmp_path, "--freeze_backbone", "--no-feature_cache", "--augmentation",
+                                           "strong")
     head = {"backbone." + k for k in fold.model.backbone.get_classifier().state_dict(prefix="fc.")}
     assert all(torch.equal(before[k], after[k]) for k in before if k not in head)  # running stats too
     assert any(not torch.equal(before[k], after[k]) for k in head)
@@ -83,15 +87,7 @@ def test_frozen_backbone_keeps_its_batchnorm_statistics_on_the_image_path(tmp_pa
 def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(tmp_path):
     """--freeze_blocks 1: the stem and layer1 (weights and BatchNorm statistics) stay as loaded, later layers and
     the head learn; more groups than the backbone has is one line."""
-    args = train.parse_args([*TINY, "--freeze_blocks", "1", "--batch_size", "16"])
-    cfg, table, _ = train.run_settings(args, tmp_path / "run")
-    rows = table.head(48)
-    loader = train.make_loader(rows, cfg, True)
-    fold = train.build_fold(cfg, rows, len(loader), torch.device("cpu"))
-    before = {k: v.clone() for k, v in fold.model.state_dict().items()}
-    loader.sampler.set_epoch(1, 0)
-    train.train_one_epoch(fold, loader, cfg, torch.device("cpu"), 0, show=False)
-    after = fold.model.state_dict()
+    _, before, after = one_epoch_states(tmp_path, "--freeze_blocks", "1")
     early = [k for k in before if k.startswith(("backbone.conv1.", "backbone.bn1.", "backbone.layer1."))]
     late = [k for k in before if k.startswith(("backbone.layer2.", "backbone.layer3.", "backbone.fc."))
             and before[k].is_floating_point()]
