@@ -25,7 +25,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import build_transform, check_image, image_boxes, load_image
+from dataset import CenterShare, build_transform, check_image, image_boxes, load_image
 from inference import load_run
 from model import pick_device, to_probs
 from report import read_run, worst_predictions
@@ -143,9 +143,9 @@ def main():
     config = next(iter(runs.values()))[1]
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
     classes, rows = config["classes"], []
-    center = image_boxes([None], center_crop=config.get("center_crop"))  # --images of a run trained on centre crops
+    center = CenterShare(*config["center_crop"]) if config.get("center_crop") else None  # for --images
     for number, item in enumerate(images):
-        photo = load_image(item["file"], box=item["box"] if item["box"] is not None or center is None else center[0])
+        photo = load_image(item["file"], box=center if item["box"] is None else item["box"])
         heat, probs = explain(runs[item["fold"]][0][0], config, transform(photo).to(device))
         pred = int(probs.argmax())
         true = classes[item["label"]] if item["label"] is not None else "unknown"
