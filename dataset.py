@@ -32,6 +32,7 @@ MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incor
 MASK_NAMES = ("wear", "incorrect", "not_worn")
 GENDERS = ("male", "female")
 AGE_BOUNDS = (30, 60)  # competition rule: <30, 30-59, >=60
+MASK_CENTER_CROP = (0.625, 0.667)  # the baseline's 320x256 of the 512x384 mask photos: the face, larger
 HEAD_NAMES = ("mask", "gender", "age")
 HEAD_SIZES = (3, 2, 3)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -435,11 +436,12 @@ class CenterShare:
 def image_boxes(paths, crop=None, margin=0.2, center_crop=None):
     """Per-image crop boxes for ImageDataset/load_image: crop_faces.py's face boxes (a CSV, widened by margin),
     one centred share of every image (center_crop: (height share, width share)), or None for whole images."""
-    if crop and center_crop:
+    if crop and center_crop and tuple(center_crop) != (1, 1):
         raise UserError("--crop (face boxes) and --center_crop both crop the images: choose one")
     if crop:
         return read_boxes(crop, paths, margin)
-    return [CenterShare(*center_crop)] * len(paths) if center_crop else None
+    whole = not center_crop or tuple(center_crop) == (1, 1)
+    return None if whole else [CenterShare(*center_crop)] * len(paths)
 
 
 def load_image(path, draft_size=None, box=None):

@@ -34,8 +34,8 @@ from tqdm import tqdm
 import runs
 import speed
 from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
-from dataset import (HalfCutMix, ImageDataset, add_data_args, build_transform, image_boxes, rarest_classes,
-                     resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
+from dataset import (MASK_CENTER_CROP, HalfCutMix, ImageDataset, add_data_args, build_transform, image_boxes,
+                     rarest_classes, resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
                      without_unreadable)
 from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
                          setup_distributed)
@@ -63,8 +63,8 @@ def build_parser():
     data.add_argument("--crop", default=None, help="boxes CSV from crop_faces.py: train on the crops")
     data.add_argument("--crop_margin", type=in_range(float, 0), default=0.2, help="box widened by this share")
     data.add_argument("--center_crop", type=in_range(float, 0, 1, low_open=True), nargs=2, default=None,
-                      metavar=("H", "W"), help="keep the centre H x W share of every image (train and test), e.g. "
-                      "0.625 0.667: the baseline's 320x256 of 512x384, more pixels on the face")
+                      metavar=("H", "W"), help="keep the centre H x W share of each image (train, test); default "
+                      "0.625 0.667 on the mask layout without --crop (a larger face), else 1 1 (whole images)")
     data.add_argument("--skip_bad_images", action="store_true", help="drop unreadable images instead of stopping")
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tf_efficientnet_lite0", help="any timm.list_models() name")
@@ -172,8 +172,10 @@ def seed_everything(seed):
 def run_settings(args, run_dir):
     """(settings, table, notes) of a new run: the table, the backbone's input and every check; nothing written."""
     table, classes, notes, layout = table_from_args(args)
-    if args.head == "auto":
-        args = argparse.Namespace(**{**vars(args), "head": "multi" if layout == "mask" else "single"})
+    auto = {"head": "multi" if layout == "mask" else "single"} if args.head == "auto" else {}
+    if args.center_crop is None and layout == "mask" and not args.crop:  # both measured better there (README)
+        auto["center_crop"] = list(MASK_CENTER_CROP)
+    args = argparse.Namespace(**{**vars(args), **auto})
     model = create_model(args.model, len(classes), args.head, pretrained=args.pretrained or bool(args.weights),
                          weights=args.weights)
     model_config = data_config(model.backbone, args.resize)
