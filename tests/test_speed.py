@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import bench  # noqa: E402
 import speed  # noqa: E402
 import train  # noqa: E402
-from dataset import ImageDataset, build_table, build_transform, load_image, resizes_first  # noqa: E402
+from dataset import ImageDataset, build_table, build_transform, image_boxes, load_image, resizes_first  # noqa: E402
 import inference  # noqa: E402
 from inference import load_run  # noqa: E402
 from model import create_model, predict_probs  # noqa: E402
@@ -274,7 +274,7 @@ def test_feature_path_checkpoint_predicts_its_own_oof_and_keeps_the_backbone(pro
     files = [str(SAMPLE / p) for p in oof["path"]]
     size = config["input_size"]
     dataset = ImageDataset(files, None, build_transform("base", size, config["interpolation"], train=False),
-                           draft_size=(size[2], size[1]))
+                           image_boxes(files, center_crop=config["center_crop"]), draft_size=(size[2], size[1]))
     loader = torch.utils.data.DataLoader(dataset, 64)
     probs, _ = predict_probs(models, loader, "single", torch.device("cpu"), config["amp"], True)
     np.testing.assert_allclose(probs, oof[[f"p{i}" for i in range(18)]].to_numpy(), atol=2e-3)
