@@ -22,7 +22,7 @@ from flask import Flask, render_template_string, request
 from PIL import UnidentifiedImageError
 
 from common import KitParser, UserError, in_range, run_main
-from dataset import HEAD_NAMES, CenterShare, build_transform, head_marginals, head_value_names, load_image
+from dataset import HEAD_NAMES, build_transform, center_share, head_marginals, head_value_names, load_image
 from decision import run_rule
 from inference import load_run
 from model import predict_probs
@@ -100,7 +100,7 @@ def create_app(models, config, top=5, title="Image classifier demo", rule=None):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
-    center = CenterShare(*config["center_crop"]) if config.get("center_crop") else None  # as the run was trained
+    center = center_share(config.get("center_crop"))  # as the run was trained
     classes, mask_layout = config["classes"], config["layout"] == "mask" and len(config["classes"]) == 18
     about = (f"{config['model']}, {len(models)} fold model(s), {len(classes)} classes ({config['layout']} layout)"
              + ("" if rule is None else f", answers by the decision rule {rule.rule} {rule.params}"))

@@ -433,15 +433,20 @@ class CenterShare:
         return (x0, y0, x0 + keep_w, y0 + keep_h)
 
 
+def center_share(center_crop):
+    """The CenterShare of a --center_crop value (config.json's "center_crop"), None for whole images (none, 1 1)."""
+    return CenterShare(*center_crop) if center_crop and tuple(center_crop) != (1, 1) else None
+
+
 def image_boxes(paths, crop=None, margin=0.2, center_crop=None):
     """Per-image crop boxes for ImageDataset/load_image: crop_faces.py's face boxes (a CSV, widened by margin),
     one centred share of every image (center_crop: (height share, width share)), or None for whole images."""
-    if crop and center_crop and tuple(center_crop) != (1, 1):
+    center = center_share(center_crop)
+    if crop and center is not None:
         raise UserError("--crop (face boxes) and --center_crop both crop the images: choose one")
     if crop:
         return read_boxes(crop, paths, margin)
-    whole = not center_crop or tuple(center_crop) == (1, 1)
-    return None if whole else [CenterShare(*center_crop)] * len(paths)
+    return None if center is None else [center] * len(paths)
 
 
 def load_image(path, draft_size=None, box=None):

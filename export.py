@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
-from dataset import build_transform
+from dataset import build_transform, center_share
 from decision import run_rule
 from inference import load_run
 from model import to_probs
@@ -119,11 +119,12 @@ def preprocess_info(config, models, files, rule=None):
     height, width = config["input_size"][-2:]
     resize = build_transform("base", config["input_size"], config["interpolation"], train=False).transforms[0]
     interpolation = resize.interpolation.value
+    center = center_share(config.get("center_crop"))
     return {
         "files": files, "input_name": "images", "output_name": "probs",
         "input_size": {"height": height, "width": width}, "layout": "NCHW", "channel_order": "RGB",
         "dtype": "float32", "value_range": [0, 255], "batch": "dynamic",
-        "resize": f"stretch the {'centre crop below' if config.get('center_crop') else 'whole image'} to "
+        "resize": f"stretch the {'whole image' if center is None else 'centre crop below'} to "
                   f"{width}x{height} (aspect not kept), {interpolation}, "
                   f"after EXIF orientation; Pillow: image.resize(({width}, {height}), Image.{interpolation.upper()})",
         "interpolation": interpolation,
@@ -132,9 +133,9 @@ def preprocess_info(config, models, files, rule=None):
         "output": "class probabilities, N x C, rows sum to 1, column i = classes[i]",
         "classes": config["classes"], "task_layout": config["layout"], "head": config["head"],
         "model": config["model"], "models": models,
-        "center_crop": ({"height_share": config["center_crop"][0], "width_share": config["center_crop"][1],
-                         "note": "keep the centre of the image, these shares of its height and width, before resizing"}
-                        if config.get("center_crop") else None),
+        "center_crop": (None if center is None else {
+            "height_share": center.height, "width_share": center.width,
+            "note": "keep the centre of the image, these shares of its height and width, before resizing"}),
         "face_crop": ({"boxes": config["crop"], "margin": config["crop_margin"],
                        "note": "trained on MTCNN face crops (crop_faces.py): crop the face box widened by margin "
                                "of its size on each side before resizing"} if config.get("crop") else None),

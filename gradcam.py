@@ -25,7 +25,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import CenterShare, build_transform, check_image, image_boxes, load_image
+from dataset import build_transform, center_share, check_image, image_boxes, load_image
 from inference import load_run
 from model import pick_device, to_probs
 from report import read_run, worst_predictions
@@ -143,7 +143,7 @@ def main():
     config = next(iter(runs.values()))[1]
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
     classes, rows = config["classes"], []
-    center = CenterShare(*config["center_crop"]) if config.get("center_crop") else None  # for --images
+    center = center_share(config.get("center_crop"))  # for --images
     for number, item in enumerate(images):
         photo = load_image(item["file"], box=center if item["box"] is None else item["box"])
         heat, probs = explain(runs[item["fold"]][0][0], config, transform(photo).to(device))

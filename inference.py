@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import KitParser, UserError, atomic_write_all, in_range, run_main
-from dataset import (ImageDataset, build_transform, find_bad_images, image_boxes, read_boxes, read_csv_checked,
+from dataset import (ImageDataset, build_transform, center_share, find_bad_images, read_boxes, read_csv_checked,
                      read_test_table)
 from model import load_checkpoint, predict_probs
 from decision import run_rule
@@ -82,7 +82,7 @@ def decoding_groups(runs):
     groups = {}
     for config, models in runs:
         key = (tuple(config["input_size"]), config["interpolation"], config["head"], config["channels_last"],
-               tuple(config.get("center_crop") or ()))
+               center_share(config.get("center_crop")))
         groups.setdefault(key, (config, []))[1].extend(models)
     return list(groups.values())
 
@@ -92,10 +92,11 @@ def predict_run(config, models, files, boxes, args, device):
     a batch too large for the GPU is halved and the pass started again."""
     size, batch_size = config["input_size"], args.batch_size
     transform = build_transform("base", size, config["interpolation"], train=False)
-    if boxes is not None and config.get("center_crop"):
+    center = center_share(config.get("center_crop"))
+    if boxes is not None and center is not None:
         raise UserError(f"{config.get('run_dir', 'a run')} was trained with --center_crop, not on face boxes: "
                         "leave out --crop")
-    boxes = boxes if boxes is not None else image_boxes(files, center_crop=config.get("center_crop"))
+    boxes = boxes if center is None else [center] * len(files)
     dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
     while True:
         loader = DataLoader(dataset, batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())

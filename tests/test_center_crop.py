@@ -12,7 +12,7 @@ from PIL import Image
 import inference
 import train
 from common import UserError
-from dataset import CenterShare, image_boxes, load_image
+from dataset import CenterShare, center_share, image_boxes, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,7 @@ def test_center_share_keeps_the_centre_of_any_size(tmp_path):
 def test_center_crop_and_face_boxes_are_one_choice():
     assert image_boxes(["a.jpg", "b.jpg"]) is None
     assert image_boxes(["a.jpg"], center_crop=[0.5, 0.6]) == [CenterShare(0.5, 0.6)]
+    assert image_boxes(["a.jpg"], center_crop=[1, 1]) is None and center_share([1.0, 1.0]) is None  # whole images
     with pytest.raises(UserError, match="--crop .* and --center_crop both crop the images: choose one"):
         image_boxes(["a.jpg"], crop="boxes.csv", center_crop=[0.5, 0.5])
 
