@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from common import KitParser, atomic_write, in_range, lookup, run_main
-from dataset import HEAD_NAMES, split_label
+from dataset import HEAD_NAMES, center_share, split_label
 from report import image_caption, read_run, save_image_grid
 
 MAX_SHOWN = 60  # a bigger grid is too small to read
@@ -76,7 +76,7 @@ def issue_table(oof, issues, classes, layout):
     return table.assign(**issues[["self_confidence", "margin", "score"]])
 
 
-def write_outputs(table, run_dir, data_dir, rank_by):
+def write_outputs(table, run_dir, data_dir, rank_by, seen=None):
     run_dir = Path(run_dir)
     atomic_write(run_dir / "label_issues.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     relabel = pd.DataFrame({"path": table["path"], "field": "label", "value": table["suggested_name"]})
@@ -86,7 +86,8 @@ def write_outputs(table, run_dir, data_dir, rank_by):
                               f"p(given) {r.self_confidence:.2g}, margin {r.margin:.2f}") for r in shown.itertuples()]
     title = (f"Top {len(shown)} of {len(table)} likely label errors (confident learning, ranked by {rank_by})"
              if len(table) else "No likely label errors found")
-    save_image_grid([str(Path(data_dir) / p) for p in shown["path"]], captions, run_dir / "label_issues.png", title)
+    save_image_grid([str(Path(data_dir) / p) for p in shown["path"]], captions, run_dir / "label_issues.png", title,
+                    seen=seen)
 
 
 def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None):
@@ -97,7 +98,7 @@ def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None
     probs = oof[[f"p{i}" for i in range(len(classes))]].to_numpy(float)
     issues = find_label_issues(probs, oof["label"].to_numpy(), rank_by)
     table = issue_table(oof, issues.head(top or len(issues)), classes, config["layout"])
-    write_outputs(table, run_dir, data_dir, rank_by)
+    write_outputs(table, run_dir, data_dir, rank_by, center_share(config.get("center_crop")))
     return issues, table, oof
 
 

@@ -25,10 +25,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.patches import Rectangle
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import HEAD_NAMES, HEAD_SIZES, head_value_names, load_image, split_label
+from dataset import HEAD_NAMES, HEAD_SIZES, center_share, head_value_names, load_image, split_label
 from runs import read_config
 
 REPORT_PNGS = {"confusion.png": "Confusion matrix (counts)",
@@ -153,8 +154,9 @@ def save_learning_curves_png(log, path):
     save_figure(fig, path)
 
 
-def save_image_grid(files, captions, path, title, columns=6):
-    """Thumbnails with a caption each (several lines allowed); used by report.py and label_issues.py."""
+def save_image_grid(files, captions, path, title, columns=6, seen=None):
+    """Thumbnails with a caption each (several lines allowed); used by report.py and label_issues.py. seen: a
+    run's CenterShare, drawn as a dashed box (what the model saw) on the whole picture (what a person judges)."""
     columns = min(columns, max(len(files), 3))  # a short list gets a narrower figure (3 wide fits the title)
     rows = max(1, math.ceil(len(files) / columns))
     lines = max((c.count("\n") + 1 for c in captions), default=1)
@@ -166,6 +168,10 @@ def save_image_grid(files, captions, path, title, columns=6):
         image = load_image(file, draft_size=(240, 320))
         image.thumbnail((240, 320))  # about the size shown: a small file, and "nearest" then cannot alias
         ax.imshow(image, interpolation="nearest")
+        if seen is not None:
+            x0, y0, x1, y1 = seen.box(*image.size)
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="yellow",
+                                   linestyle="--", linewidth=1.2))
         ax.set_title(caption, fontsize=7.5)
     fig.suptitle(title, fontsize=12)
     # fixed spacing from the known caption height: a layout engine measures every text, which took most of the time
@@ -190,13 +196,13 @@ def image_caption(path, *lines):
     return "\n".join([*lines, Path(path).parent.name[:34], Path(path).name[:34]])
 
 
-def save_worst_png(worst, classes, data_dir, path):
+def save_worst_png(worst, classes, data_dir, path, seen=None):
     captions = [image_caption(r.path, f"true: {classes[r.label]} (p={r.true_prob:.2f})",
                               f"pred: {classes[r.pred]} (p={r.pred_prob:.2f})", f"loss {r.loss:.2f}")
                 for r in worst.itertuples()]
     save_image_grid([str(Path(data_dir) / p) for p in worst["path"]], captions, path,
                     f"The {len(worst)} out-of-fold predictions with the lowest probability of the true class "
-                    "(highest loss)")
+                    "(highest loss)" + ("; dashed: the centre the model saw" if seen else ""), seen=seen)
 
 
 # ---- the page ----------------------------------------------------------------------------------
@@ -307,7 +313,8 @@ def write_report(run_dir, data_dir=None, worst=24):
         save_heads_png(labels, preds, classes, run_dir / "heads_confusion.png")
         pngs.append("heads_confusion.png")
     save_learning_curves_png(log, run_dir / "learning_curves.png")
-    save_worst_png(worst_predictions(oof, classes, worst), classes, data_dir, run_dir / "worst_predictions.png")
+    save_worst_png(worst_predictions(oof, classes, worst), classes, data_dir, run_dir / "worst_predictions.png",
+                   center_share(config.get("center_crop")))
     write_html(run_dir, metrics, config, class_table, pngs + ["learning_curves.png", "worst_predictions.png"])
     return metrics
 

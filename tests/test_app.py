@@ -4,6 +4,7 @@ import contextlib
 import html
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import app  # noqa: E402
-from dataset import build_transform, load_image  # noqa: E402
+from dataset import build_transform, center_share, load_image  # noqa: E402
 from inference import load_run  # noqa: E402
 from model import to_probs  # noqa: E402
 
@@ -29,13 +30,20 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def direct_probs(run_dir, files):
-    """The fold ensemble's probabilities computed here with the models, not through the page."""
+def direct_probs(run_dir, files, crop=True):
+    """The fold ensemble's probabilities computed here with the models, not through the page, on the centre
+    the run was trained on (the mask layout's default) or, crop=False, on the whole pictures."""
     models, config = load_run(run_dir)
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
-    batch = torch.stack([transform(load_image(f)) for f in files])
+    box = center_share(config["center_crop"]) if crop else None
+    batch = torch.stack([transform(load_image(f, box=box)) for f in files])
     with torch.no_grad():
         return torch.stack([to_probs(m(batch), config["head"]) for m in models]).mean(0).numpy(), config
+
+
+def top_percents(probs, top=5):
+    """The page's top rows as it prints them."""
+    return [f"{p * 100:.1f}" for p in np.sort(probs)[::-1][:top]]
 
 
 def browser_or_skip():
@@ -139,5 +147,8 @@ def test_attributes_and_bad_upload(tiny_run_dir):
     page = client.post("/", data={"photo": (io.BytesIO(SAMPLE_IMAGES[0].read_bytes()), "a.jpg")})
     top_class = html.escape(config["classes"][int(probs[0].argmax())])  # names like wear/male/<30
     assert page.status_code == 200 and f'id="answer">Prediction: {top_class} (' in page.get_data(as_text=True)
+    shown = re.findall(r"<td>([0-9.]+)%</td>\s*<td class=\"meter\">", page.get_data(as_text=True))
+    assert config["center_crop"] and shown == top_percents(probs[0])  # the page cuts the run's centre, as inference
+    assert shown != top_percents(direct_probs(tiny_run_dir, SAMPLE_IMAGES[:1], crop=False)[0][0])  # which matters
     bad = client.post("/", data={"photo": (io.BytesIO(b"not an image"), "notes.txt")})
     assert bad.status_code == 400 and "not an image" in bad.get_data(as_text=True)

@@ -13,9 +13,9 @@ from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 from common import run_main  # noqa: E402
-from dataset import GENDERS, MASK_NAMES, head_value_names, mask_class_names  # noqa: E402
+from dataset import GENDERS, MASK_NAMES, CenterShare, head_value_names, mask_class_names  # noqa: E402
 from report import (REPORT_PNGS, collect_oof, main, per_class_table,  # noqa: E402
-                    save_confusion_png, worst_predictions, write_report)
+                    save_confusion_png, save_image_grid, worst_predictions, write_report)
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +70,24 @@ def test_worst_predictions_have_the_lowest_probability_of_the_true_class(tiny_ru
     worst = worst_predictions(oof, mask_class_names(), 5)
     np.testing.assert_allclose(np.sort(worst["true_prob"]), np.sort(true_prob)[:5])
     np.testing.assert_allclose(worst["loss"], -np.log(worst["true_prob"]))
+
+
+def test_grid_marks_the_centre_a_centre_crop_run_saw(tmp_path):
+    """Grids (worst predictions, label issues) show the whole picture, with a centre-crop run's share dashed."""
+    Image.new("RGB", (384, 512), (90, 90, 90)).save(tmp_path / "grey.jpg")
+
+    def yellow_box(seen):
+        save_image_grid([str(tmp_path / "grey.jpg")], ["x"], tmp_path / "grid.png", "t", seen=seen)
+        pixels = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+        rows, cols = np.nonzero((pixels[..., 0] > 180) & (pixels[..., 1] > 180) & (pixels[..., 2] < 100))
+        grey_rows, grey_cols = np.nonzero((np.abs(pixels - 90) < 8).all(-1))
+        return rows, cols, grey_rows, grey_cols
+
+    assert len(yellow_box(None)[0]) == 0
+    rows, cols, grey_rows, grey_cols = yellow_box(CenterShare(0.5, 0.5))
+    height, width = np.ptp(grey_rows), np.ptp(grey_cols)  # the thumbnail's extent on the page
+    assert abs(np.ptp(rows) / height - 0.5) < 0.05 and abs(np.ptp(cols) / width - 0.5) < 0.05
+    assert abs(rows.mean() - np.mean(grey_rows)) < 0.05 * height and abs(cols.mean() - np.mean(grey_cols)) < 0.05 * width
 
 
 def test_learning_curves_read_every_fold_and_epoch(tiny_run):
