@@ -301,7 +301,7 @@ def write_report(run_dir, data_dir=None, worst=24):
     """Every report picture and report.html into run_dir; returns the metrics shown."""
     run_dir = Path(run_dir)
     config, oof, data_dir = read_run(run_dir, data_dir)
-    log = read_log(run_dir)
+    log, seen = read_log(run_dir), center_share(config.get("center_crop"))  # bad values fail before any writing
     classes, labels, preds = config["classes"], oof["label"].to_numpy(), oof["pred"].to_numpy()
     metrics, class_table = run_metrics(oof, classes, config["layout"]), per_class_table(labels, preds, classes)
     save_confusion_png(labels, preds, classes, run_dir / "confusion.png")
@@ -314,7 +314,7 @@ def write_report(run_dir, data_dir=None, worst=24):
         pngs.append("heads_confusion.png")
     save_learning_curves_png(log, run_dir / "learning_curves.png")
     save_worst_png(worst_predictions(oof, classes, worst), classes, data_dir, run_dir / "worst_predictions.png",
-                   center_share(config.get("center_crop")))
+                   seen)
     write_html(run_dir, metrics, config, class_table, pngs + ["learning_curves.png", "worst_predictions.png"])
     return metrics
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from common import UserError, atomic_write
-from dataset import PSEUDO_FOLD
+from dataset import PSEUDO_FOLD, center_share
 
 KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
 IDENTITY = ("model", "head", "classes")  # what a checkpoint must share with its run's config.json
@@ -43,6 +43,10 @@ def read_config(run_dir, fix="--model_dir takes a run folder made by train.py"):
     if config.get("kit_version") != KIT_VERSION:
         raise UserError(f"{run_dir} was made by kit version {config.get('kit_version')}, this is {KIT_VERSION}: "
                         "train it again with this kit")
+    try:  # a hand-edited crop fails here, before any script writes anything
+        center_share(config.get("center_crop"))
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
     return config
 
 

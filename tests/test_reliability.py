@@ -460,6 +460,11 @@ def corrupt_config(run_dir):
     (run_dir / "config.json").write_text('{"classes": ["a", "b"], "model": ')  # cut off, as by a full disk
 
 
+def hand_edited_center_crop(run_dir):
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "center_crop": [0.5]}))  # one share, not H W
+
+
 def unfinished(run_dir):
     for oof in run_dir.glob("fold*/oof.csv"):
         oof.unlink()
@@ -533,6 +538,12 @@ BAD_INPUTS.update({
     # inference.py
     "inference on a corrupt config.json": (inference, lambda w: predicting(run_copy(w, corrupt_config), w),
                                            "config.json is not readable JSON"),
+    "inference on a config.json with a bad center_crop": (inference, lambda w: predicting(
+        run_copy(w, hand_edited_center_crop), w), "config.json: center_crop [0.5] is not two shares in (0, 1]"),
+    "report on a config.json with a bad center_crop": (report, lambda w: ["--model_dir", run_copy(
+        w, hand_edited_center_crop)], "config.json: center_crop [0.5] is not two shares in (0, 1]"),
+    "label_issues on a config.json with a bad center_crop": (label_issues, lambda w: ["--model_dir", run_copy(
+        w, hand_edited_center_crop)], "config.json: center_crop [0.5] is not two shares in (0, 1]"),
     "inference: info.csv with a duplicated id": (inference, lambda w: predicting(
         w.run, w, w.edit_eval(duplicated_id)), "is listed more than once"),
     "inference --submission missing": (inference, lambda w: [*predicting(w.run, w), "--submission",
