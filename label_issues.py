@@ -94,7 +94,7 @@ def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None
     """Find the candidates of a finished run and write its top ones; returns (candidates, written, oof)."""
     lookup(RANKINGS, rank_by, "--rank_by")  # checked before anything is read
     config, oof, data_dir = read_run(run_dir, data_dir)
-    classes, seen = config["classes"], center_share(config.get("center_crop"))  # bad values fail before writing
+    classes, seen = config["classes"], center_share(config.get("center_crop"))
     probs = oof[[f"p{i}" for i in range(len(classes))]].to_numpy(float)
     issues = find_label_issues(probs, oof["label"].to_numpy(), rank_by)
     table = issue_table(oof, issues.head(top or len(issues)), classes, config["layout"])

@@ -301,7 +301,7 @@ def write_report(run_dir, data_dir=None, worst=24):
     """Every report picture and report.html into run_dir; returns the metrics shown."""
     run_dir = Path(run_dir)
     config, oof, data_dir = read_run(run_dir, data_dir)
-    log, seen = read_log(run_dir), center_share(config.get("center_crop"))  # bad values fail before any writing
+    log, seen = read_log(run_dir), center_share(config.get("center_crop"))
     classes, labels, preds = config["classes"], oof["label"].to_numpy(), oof["pred"].to_numpy()
     metrics, class_table = run_metrics(oof, classes, config["layout"]), per_class_table(labels, preds, classes)
     save_confusion_png(labels, preds, classes, run_dir / "confusion.png")
