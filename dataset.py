@@ -436,14 +436,16 @@ class CenterShare:
 def center_share(center_crop):
     """The CenterShare of a --center_crop value (config.json's "center_crop"), None for whole images (none, 1 1);
     a value that is not two shares in (0, 1] (a hand-edited config.json) is one UserError."""
+    if not center_crop:
+        return None
     try:
-        share = CenterShare(*map(float, center_crop)) if center_crop else None
-    except (TypeError, ValueError):
-        share = CenterShare(0.0, 0.0)  # refused just below
-    if share is not None and not (0 < share.height <= 1 and 0 < share.width <= 1):
+        share = CenterShare(*map(float, center_crop))
+    except (TypeError, ValueError):  # not two numbers
+        share = None
+    if share is None or not (0 < share.height <= 1 and 0 < share.width <= 1):
         raise UserError(f"center_crop {center_crop!r} is not two shares in (0, 1], height then width: write e.g. "
                         "[0.625, 0.667], or [1, 1] for whole images")
-    return None if share is None or (share.height, share.width) == (1, 1) else share
+    return None if (share.height, share.width) == (1, 1) else share
 
 
 def image_boxes(paths, crop=None, margin=0.2, center_crop=None):

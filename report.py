@@ -202,7 +202,7 @@ def save_worst_png(worst, classes, data_dir, path, seen=None):
                 for r in worst.itertuples()]
     save_image_grid([str(Path(data_dir) / p) for p in worst["path"]], captions, path,
                     f"The {len(worst)} out-of-fold predictions with the lowest probability of the true class "
-                    "(highest loss)" + ("; dashed: the centre the model saw" if seen else ""), seen=seen)
+                    "(highest loss)" + ("; dashed: the centre the model saw" if seen is not None else ""), seen=seen)
 
 
 # ---- the page ----------------------------------------------------------------------------------
