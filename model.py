@@ -32,8 +32,11 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
+    def normalize(self, images):
+        return (images.float() - self.mean) / self.std
+
     def forward(self, images):
-        return self.backbone((images.float() - self.mean) / self.std)
+        return self.backbone(self.normalize(images))
 
 
 def to_probs(logits, head="single"):

@@ -3,14 +3,16 @@
     loader = make_data_loader(dataset, sampler, batch_size, cfg, train=True)   # seeded, persistent workers
     read = image_reader(cfg, n_images, exact)          # load_image, or a decoded-image cache reader
     bad = warm_cache(table, cfg, rank)                 # decode every image once (filling the cache), name bad ones
+    (net, eval_net), train_loader, val_loader = feature_training(fold, rows, loaders, cfg, device, plain_loader)
 
 - Decoded-image cache: each image decoded once, resized to the input size and kept as raw uint8 in RAM
   (/dev/shm, removed when the run ends; runs killed before that are cleaned by the next run) or on disk.
 - Loader workers: none on a CPU (the model needs every core), up to 8 per GPU process.
 - Seeded per-image augmentation: the sampler yields (row, seed), so any --num_workers gives the same batches
   and workers can persist across epochs.
-- Frozen-backbone feature cache: with --freeze_backbone the backbone runs once per image and the epochs
-  train the head on stored features.
+- Feature cache: frozen layers run once per image (and its mirror), the epochs train the rest on their stored
+  output: the head of a --freeze_backbone probe, or an EfficientNet after its --freeze_blocks block groups
+  (same batches, flips and random stream as the images: the same run, faster).
 """
 import argparse
 import atexit
@@ -26,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from timm.models.efficientnet import EfficientNet
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from common import UserError, atomic_write, in_range
 from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, image_boxes, load_image,
                      resize_ops, resizes_first)
 from distributed import from_rank0
-from model import predict_probs
+from model import amp_dtype, autocast, to_device
 
 
 def add_speed_args(group):
@@ -45,9 +48,10 @@ def add_speed_args(group):
                             "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
     group.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
     group.add_argument("--feature_cache", action=argparse.BooleanOptionalAction, default=True,
-                       help="with --freeze_backbone: compute the backbone's features once per image (and its mirror "
-                            "for --augmentation flip), then train the head on them; other augmentations, mixup, "
-                            "EMA, --compile and torchrun run the full model every epoch")
+                       help="run the frozen layers once per image (and its mirror for --augmentation flip) and train "
+                            "the rest on their stored output, with the same batches and results: --freeze_backbone "
+                            "(any model), --freeze_blocks (EfficientNet family); other augmentations, mixup/cutmix, "
+                            "--compile, torchrun, or outputs over a quarter of RAM run the whole model every epoch")
 
 
 # ---- decoded-image cache ----------------------------------------------------------------------------
@@ -202,14 +206,57 @@ def make_data_loader(dataset, sampler, batch_size, cfg, drop_last=False):
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
 
-# ---- --freeze_backbone: epochs of the head on features computed once -----------------------------------
-FEATURE_MEMO = {}  # (backbone digest, views, images) -> {path: classifier input}: the folds of a run share it
+# ---- frozen layers run once per image: --freeze_backbone (a linear probe) and --freeze_blocks -------------
+FEATURE_MEMO = {}  # (frozen weights, part, views, images) -> {path: stored views}: the folds of a run share it
 
 
-def uses_feature_cache(cfg, world):
-    """The frozen backbone's features can stand in for the images: nothing but a mirror augments them."""
-    return (cfg.freeze_backbone and cfg.feature_cache and cfg.augmentation in ("base", "flip") and world == 1
-            and not (cfg.mixup or cfg.cutmix or cfg.ema or cfg.compile))
+def uses_feature_cache(cfg, model, world, n_images):
+    """The frozen layers' outputs can stand in for the images: nothing but a mirror augments them, nothing mixes
+    pixels, one process, and they fit in a quarter of RAM. Frozen layers: the whole backbone (a linear probe, any
+    timm model) or, for timm's EfficientNet family, the stem and the first --freeze_blocks block groups."""
+    if not (cfg.feature_cache and cfg.augmentation in ("base", "flip") and world == 1
+            and not (cfg.mixup or cfg.cutmix or cfg.half_cutmix or cfg.compile)):
+        return False
+    if cfg.freeze_backbone:
+        per_image = model.backbone.num_features
+    elif cfg.freeze_blocks and isinstance(model.backbone, EfficientNet):
+        with torch.no_grad():
+            per_image = frozen_blocks(model.eval(), torch.zeros(1, *cfg.input_size), cfg.freeze_blocks).numel()
+    else:
+        return False
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 4 * n_images * 2 * per_image * 4 < ram  # two views of float32
+
+
+def frozen_blocks(model, images, blocks):
+    """An EfficientNet's stem and first `blocks` block groups on 0-255 images (timm's forward_features, cut)."""
+    backbone = model.backbone
+    return backbone.blocks[:blocks](backbone.bn1(backbone.conv_stem(model.normalize(images))))
+
+
+class AfterFrozenBlocks(torch.nn.Module):
+    """The rest of an EfficientNet Classifier on the stored output of its first `blocks` block groups: the same
+    modules and arithmetic as the whole model's forward, so the same logits."""
+
+    def __init__(self, model, blocks):
+        super().__init__()
+        self.model, self.blocks = model, blocks
+
+    def forward(self, stored):
+        backbone = self.model.backbone
+        return backbone.forward_head(backbone.bn2(backbone.conv_head(backbone.blocks[self.blocks:](stored))))
+
+
+class AfterBackbone(torch.nn.Module):
+    """A linear probe's head on the stored classifier inputs: the backbone's dropout, then its classifier."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.classifier, self.drop_rate = model.backbone.get_classifier(), float(getattr(model.backbone, "drop_rate", 0))
+
+    def forward(self, stored):
+        features = torch.nn.functional.dropout(stored.flatten(1), self.drop_rate, self.training)
+        return self.classifier(features)
 
 
 def backbone_digest(model):
@@ -222,61 +269,83 @@ def backbone_digest(model):
     return digest.hexdigest()
 
 
-@torch.no_grad()
-def classifier_inputs(model, loader, cfg, device, views):
-    """(what the classifier receives for each image of loader (and its mirror), flat as (N, views * F, 1, 1),
-    a shape channels_last batches take; the classifier's input shape), computed in eval mode: a true linear
-    probe (BatchNorm stays as loaded)."""
+def frozen_part(model, cfg):
+    """images -> the frozen layers' output: the stem and first --freeze_blocks block groups, or for a linear probe
+    what the classifier receives (the backbone's pooled features, caught by a hook; call .remove() when done)."""
+    if not cfg.freeze_backbone:
+        return lambda images: frozen_blocks(model, images, cfg.freeze_blocks)
     captured = []
-    hook = model.backbone.get_classifier().register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
+    hook = model.backbone.get_classifier().register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
+
+    def pooled_features(images):
+        model(images)
+        if not captured:
+            raise UserError(f"{cfg.model} does not call its classifier module; pass --no-feature_cache")
+        return captured.pop()[..., None, None]  # (N, F, 1, 1): a shape channels_last batches take
+    pooled_features.remove = hook.remove
+    return pooled_features
+
+
+@torch.no_grad()
+def frozen_outputs(model, loader, cfg, device, views):
+    """The frozen layers' output for each image of loader and, with views=2, its mirror: a list of (views, ...)
+    tensors in the dtype they ran in, computed in eval mode (frozen BatchNorm keeps its statistics in training)."""
+    part, dtype, stored = frozen_part(model.eval(), cfg), amp_dtype(device, cfg.amp), []
     try:
-        predict_probs(model, loader, cfg.head, device, cfg.amp, cfg.channels_last, tta=views == 2)
+        for images, _, _ in loader:
+            with autocast(device, dtype):  # each view as a training batch gives it to the model
+                outputs = [part(to_device(view, device, cfg.channels_last)) for view in (images, images.flip(3))[:views]]
+            stored.extend(torch.stack(outputs, 1).cpu().unbind(0))
     finally:
-        hook.remove()
-    if not captured:
-        raise UserError(f"{cfg.model} does not call its classifier module; pass --no-feature_cache")
-    stored = torch.stack([torch.cat(captured[view::views]) for view in range(views)], 1)
-    return stored.reshape(len(loader.dataset), -1, 1, 1), captured[0].shape[1:]
+        getattr(part, "remove", lambda: None)()
+    return stored
 
 
-class FeatureHead(torch.nn.Module):
-    """The classifier alone on stored inputs (N, views * F, 1, 1): training takes the image or its mirror at
-    random for each row (torch's seeded generator) and applies the backbone's dropout, as its head would;
-    evaluation takes the image itself."""
+class StoredViews(Dataset):
+    """Stored outputs read like the ImageDataset they stand for: (the view that image's augmentation gives, label,
+    row). Training draws the flip as the image transform does (it runs on a marked blank picture under the same
+    seed), so batches, flips and the random stream are the image path's; evaluation takes the image itself."""
 
-    def __init__(self, classifier, shape, views, drop_rate):
-        super().__init__()
-        self.classifier, self.shape, self.views, self.drop_rate = classifier, tuple(shape), views, drop_rate
+    def __init__(self, stored, images, train):
+        self.stored, self.labels, self.transform, self.train = stored, images.labels, images.transform, train
+        self.marker = torch.zeros(1, *images.transform.transforms[0].size, dtype=torch.uint8)
+        self.marker[..., 0] = 255
 
-    def forward(self, stored):
-        stored, rows = stored.reshape(len(stored), self.views, -1), torch.arange(len(stored), device=stored.device)
-        pick = torch.randint(self.views, (len(stored),), device=stored.device) if self.training else rows * 0
-        features = torch.nn.functional.dropout(stored[rows, pick], self.drop_rate, self.training)
-        return self.classifier(features.reshape(len(stored), *self.shape))
+    def __len__(self):
+        return len(self.stored)
+
+    def __getitem__(self, index):
+        views = self.stored[index]
+        mirrored = self.train and len(views) == 2 and self.transform(self.marker)[0, 0, 0] == 0
+        return views[int(mirrored)], int(self.labels[index]), index
 
 
-def feature_training(model, rows, loaders, cfg, device, plain_loader):
-    """(head net, train loader, val loader) over stored features for the image loaders (train, val) of rows
-    (train rows, val rows), batched in the image loader's order (same steps and generator, so the scheduler
-    and --resume see the same epochs). plain_loader(rows) is an unshuffled image loader for the features."""
+def feature_training(t, rows, loaders, cfg, device, plain_loader):
+    """((training net, evaluation net), train loader, val loader): the layers after the frozen ones, on stored
+    outputs of (train rows, val rows) batched as the image loaders batch them (same sampler: the scheduler and
+    --resume see the same epochs). plain_loader(rows) is an unshuffled image loader for the stored outputs."""
     views = 2 if cfg.augmentation == "flip" else 1
-    key = (backbone_digest(model), views, tuple(cfg.input_size), str(Path(cfg.data_dir).resolve()), cfg.crop,
-           cfg.crop_margin, tuple(cfg.center_crop or ()))
+    key = (backbone_digest(t.model), cfg.freeze_backbone, cfg.freeze_blocks, views, tuple(cfg.input_size),
+           str(Path(cfg.data_dir).resolve()), cfg.crop, cfg.crop_margin, tuple(cfg.center_crop or ()),
+           cfg.interpolation, cfg.amp, cfg.channels_last)
     if key not in FEATURE_MEMO:
-        FEATURE_MEMO.clear()  # one backbone's features at a time
-        FEATURE_MEMO[key] = {"features": {}, "shape": None}
+        FEATURE_MEMO.clear()  # one backbone's outputs at a time
+        FEATURE_MEMO[key] = {}
     memo, both = FEATURE_MEMO[key], pd.concat(rows)
-    missing = both[~both["path"].isin(memo["features"])]
+    missing = both[~both["path"].isin(memo)]
     if len(missing):
-        features, memo["shape"] = classifier_inputs(model, plain_loader(missing), cfg, device, views)
-        memo["features"].update(zip(missing["path"], features))
-    sets = [torch.utils.data.TensorDataset(torch.stack([memo["features"][p] for p in r["path"]]),
-                                           torch.tensor(r["label"].to_numpy()), torch.arange(len(r)))
-            for r in rows]
-    train_loader = loaders[0]
-    return (FeatureHead(model.backbone.get_classifier(), memo["shape"], views,
-                        float(getattr(model.backbone, "drop_rate", 0.0))),
-            DataLoader(sets[0], batch_sampler=BatchSampler(train_loader.sampler.sampler, train_loader.batch_size,
-                                                           train_loader.drop_last)),
-            DataLoader(sets[1], cfg.valid_batch_size))
+        start = time.perf_counter()
+        memo.update(zip(missing["path"], frozen_outputs(t.model, plain_loader(missing), cfg, device, views)))
+        print(f"feature cache: the frozen layers' output of {len(missing)} images x {views} views stored in "
+              f"{time.perf_counter() - start:.0f} s")
+    train_images, val_images = loaders[0].dataset.dataset, loaders[1].dataset  # (the training one is seeded)
+    train_set, val_set = (StoredViews([memo[p] for p in r["path"]], images, train) for r, images, train in
+                          ((rows[0], train_images, True), (rows[1], val_images, False)))
+    rest = (lambda model: AfterBackbone(model)) if cfg.freeze_backbone else (
+        lambda model: AfterFrozenBlocks(model, cfg.freeze_blocks))
+    # the image loader's own sampler (train_fold seeds it each epoch) and a generator of its own: the global
+    # random stream (dropout) is left as the image path leaves it
+    train_loader = DataLoader(SeededDataset(train_set), loaders[0].batch_size, sampler=loaders[0].sampler,
+                              generator=torch.Generator(), drop_last=loaders[0].drop_last)
+    return ((rest(t.model), rest(t.ema.module if t.ema is not None else t.model)), train_loader,
+            DataLoader(val_set, loaders[1].batch_size))

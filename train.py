@@ -324,11 +324,9 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
     train_loader, val_loader = (make_loader(r, cfg, t, rank, world) for r, t in ((train_rows, True), (val_rows, False)))
     t = build_fold(cfg, train_rows, len(train_loader), device, world)
     epoch_sampler, eval_net = train_loader.sampler, None
-    if speed.uses_feature_cache(cfg, world):  # linear probe: the backbone runs once per image, epochs train the head
-        t.net, train_loader, val_loader = speed.feature_training(
-            t.model, (train_rows, val_rows), (train_loader, val_loader), cfg, device,
-            lambda rows: make_loader(rows, cfg, False))
-        eval_net = t.net
+    if speed.uses_feature_cache(cfg, t.model, world, len(table)):  # frozen layers run once per image, not per epoch
+        (t.net, eval_net), train_loader, val_loader = speed.feature_training(
+            t, (train_rows, val_rows), (train_loader, val_loader), cfg, device, lambda rows: make_loader(rows, cfg, False))
     start, best_f1, stale, log = runs.resume_fold(fold_dir / "last.pth", t, vars(cfg), rank)
     for epoch in range(start, cfg.epochs):
         epoch_seed = cfg.seed * 1000 + fold * 100 + epoch + 7919 * rank  # torchrun ranks augment differently

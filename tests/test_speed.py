@@ -299,8 +299,8 @@ def test_feature_path_probe_of_pretrained_weights_learns(probe_run):
 def test_feature_path_runs_the_backbone_once_per_image_for_every_fold(monkeypatch, tmp_path):
     """Two folds of one pretrained backbone: each image (and its mirror) goes through it once."""
     calls = []
-    real = speed.classifier_inputs
-    monkeypatch.setattr(speed, "classifier_inputs", lambda model, loader, *a: calls.append(len(loader.dataset)) or real(
+    real = speed.frozen_outputs
+    monkeypatch.setattr(speed, "frozen_outputs", lambda model, loader, *a: calls.append(len(loader.dataset)) or real(
         model, loader, *a))
     monkeypatch.setattr(train, "seed_everything", lambda seed: torch.manual_seed(0))  # same init every fold
     monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--epochs", "1", "--freeze_backbone", "--model_dir",
@@ -310,6 +310,44 @@ def test_feature_path_runs_the_backbone_once_per_image_for_every_fold(monkeypatc
     assert calls == [420]  # fold 0 stored all 420 images; fold 1 found them stored
     assert (tmp_path / "memo" / "fold1" / "oof.csv").is_file()
     speed.FEATURE_MEMO.clear()
+
+
+# ---- the feature cache of --freeze_blocks, and what both paths must keep -----------------------------------
+@pytest.mark.parametrize("flags", [["--model", "test_efficientnet", "--freeze_blocks", "2", "--ema", "--head", "multi"],
+                                   ["--freeze_backbone", "--train_age_bounds", "30", "58"]],
+                         ids=["freeze_blocks", "probe_train_age_bounds"])
+def test_feature_cache_trains_exactly_as_the_images_do(flags, tmp_path, monkeypatch, capsys):
+    """The frozen layers' stored outputs give the very run the images give: each image's flip drawn from its own
+    seed, the training labels (--train_age_bounds: the sample has people of 58 and 59), the same random stream
+    (dropout): oof.csv byte-identical and every checkpoint tensor equal, with the frozen layers run once a fold."""
+    for cache in ("--feature_cache", "--no-feature_cache"):
+        speed.FEATURE_MEMO.clear()
+        monkeypatch.setattr(sys, "argv", ["train.py", *TINY, *flags, "--epochs", "2", "--no-report", cache,
+                                          "--model_dir", str(tmp_path), "--name", cache.strip("-")])
+        train.main()
+    speed.FEATURE_MEMO.clear()
+    assert capsys.readouterr().out.count("feature cache: the frozen layers' output of") == 2  # --no-pretrained:
+    cached, images = tmp_path / "feature_cache", tmp_path / "no-feature_cache"  # each fold's own init, so twice
+    assert (cached / "oof.csv").read_bytes() == (images / "oof.csv").read_bytes()
+    for fold in range(2):
+        a, b = (torch.load(run / f"fold{fold}" / "best.pth", weights_only=False)["model"] for run in (cached, images))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert pd.read_csv(cached / "oof.csv")["pred"].nunique() > 1
+
+
+def test_feature_cache_only_where_stored_outputs_are_what_the_model_would_see(tmp_path):
+    efficientnet = create_model("test_efficientnet", 18, pretrained=False)
+    resnet = create_model("test_resnet", 18, pretrained=False)
+    uses = lambda *argv, model=efficientnet, world=1, images=420: speed.uses_feature_cache(
+        settings(list(argv), tmp_path), model, world, images)
+    assert uses("--freeze_blocks", "2") and uses("--freeze_backbone", model=resnet)
+    assert uses("--freeze_blocks", "2", "--augmentation", "base", "--ema")
+    assert not uses() and not uses("--freeze_blocks", "2", model=resnet)  # the cut is EfficientNet's only
+    for argv in (["--augmentation", "trivialaugment"], ["--half_cutmix", "0.5"], ["--mixup", "0.2"], ["--cutmix", "1"],
+                 ["--compile"], ["--no-feature_cache"]):
+        assert not uses("--freeze_blocks", "2", *argv) and not uses("--freeze_backbone", *argv), argv
+    assert not uses("--freeze_blocks", "2", world=2)
+    assert not uses("--freeze_blocks", "2", images=10**8)  # 10^8 x 2 views x 24x16x12 floats: over a quarter of RAM
 
 
 # ---- bench.py (run in this process: a subprocess would spend most of its time importing torch) -----------
