@@ -269,35 +269,33 @@ def backbone_digest(model):
     return digest.hexdigest()
 
 
-def frozen_part(model, cfg):
-    """images -> the frozen layers' output: the stem and first --freeze_blocks block groups, or for a linear probe
-    what the classifier receives (the backbone's pooled features, caught by a hook; call .remove() when done)."""
+def frozen_part(model, images, cfg, captured):
+    """The frozen layers' output: the stem and first --freeze_blocks block groups, or a linear probe's pooled
+    features (what its classifier receives, which a forward hook appends to captured)."""
     if not cfg.freeze_backbone:
-        return lambda images: frozen_blocks(model, images, cfg.freeze_blocks)
-    captured = []
-    hook = model.backbone.get_classifier().register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
-
-    def pooled_features(images):
-        model(images)
-        if not captured:
-            raise UserError(f"{cfg.model} does not call its classifier module; pass --no-feature_cache")
-        return captured.pop()[..., None, None]  # (N, F, 1, 1): a shape channels_last batches take
-    pooled_features.remove = hook.remove
-    return pooled_features
+        return frozen_blocks(model, images, cfg.freeze_blocks)
+    model(images)
+    if not captured:
+        raise UserError(f"{cfg.model} does not call its classifier module; pass --no-feature_cache")
+    return captured.pop()[..., None, None]  # (N, F, 1, 1): a shape channels_last batches take
 
 
 @torch.no_grad()
 def frozen_outputs(model, loader, cfg, device, views):
     """The frozen layers' output for each image of loader and, with views=2, its mirror: a list of (views, ...)
     tensors in the dtype they ran in, computed in eval mode (frozen BatchNorm keeps its statistics in training)."""
-    part, dtype, stored = frozen_part(model.eval(), cfg), amp_dtype(device, cfg.amp), []
+    captured = []
+    hook = model.backbone.get_classifier().register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
+    model.eval()
+    dtype, stored = amp_dtype(device, cfg.amp), []
     try:
         for images, _, _ in loader:
             with autocast(device, dtype):  # each view as a training batch gives it to the model
-                outputs = [part(to_device(view, device, cfg.channels_last)) for view in (images, images.flip(3))[:views]]
+                outputs = [frozen_part(model, to_device(view, device, cfg.channels_last), cfg, captured)
+                           for view in (images, images.flip(3))[:views]]
             stored.extend(torch.stack(outputs, 1).cpu().unbind(0))
     finally:
-        getattr(part, "remove", lambda: None)()
+        hook.remove()
     return stored
 
 
