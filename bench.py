@@ -341,7 +341,7 @@ def bench_run(bench, train_argv, data_dir):
     peaks = frame.drop(columns="seconds").max()
     lines = Path(f"{run_dir}.log").read_text().replace("\r", "\n").splitlines()
     print("\n".join(line for line in lines if line.startswith(("OOF", "fold sizes", "error"))))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = speed.physical_ram()
     print(f"exit {process.returncode} in {time.time() - start:.0f} s; peak GiB: " + ", ".join(
         f"{k} {v / 2**30:.2f}" for k, v in peaks.items()) + f"; RAM {ram / 2**30:.0f} GiB; log {run_dir}.log, "
         f"memory over time {run_dir}.memory.csv")

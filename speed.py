@@ -70,6 +70,11 @@ def cached_image(cache_dir, size, interpolation, path, draft_size=None, box=None
     return pixels
 
 
+def physical_ram():
+    """This machine's RAM in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def image_reader(cfg, n_images, exact):
     """load_image, or cached_image for --cache: memory = files in RAM (/dev/shm) removed when this process
     ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM and
@@ -79,8 +84,7 @@ def image_reader(cfg, n_images, exact):
     if not (ram_dir.is_dir() and shutil.disk_usage(ram_dir).free > 2 * needed):
         ram_dir = Path(tempfile.gettempdir())  # a container's small /dev/shm: the page cache holds files too
     if mode == "auto":
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        mode = "memory" if exact and 4 * needed < min(ram, shutil.disk_usage(ram_dir).free) else "none"
+        mode = "memory" if exact and 4 * needed < min(physical_ram(), shutil.disk_usage(ram_dir).free) else "none"
     if mode == "none":
         return load_image
     if mode == "disk":
@@ -220,12 +224,12 @@ def uses_feature_cache(cfg, model, world, n_images):
     if cfg.freeze_backbone:
         per_image = model.backbone.num_features
     elif cfg.freeze_blocks and isinstance(model.backbone, EfficientNet):
-        with torch.no_grad():
-            per_image = frozen_blocks(model.eval(), torch.zeros(1, *cfg.input_size), cfg.freeze_blocks).numel()
+        with torch.no_grad():  # one blank picture on the model's device gives the output's size
+            blank = torch.zeros(1, *cfg.input_size, device=model.mean.device)
+            per_image = frozen_blocks(model.eval(), blank, cfg.freeze_blocks).numel()
     else:
         return False
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 4 * n_images * 2 * per_image * 4 < ram  # two views of float32
+    return 4 * n_images * 2 * per_image * 4 < physical_ram()  # two views of float32
 
 
 def frozen_blocks(model, images, blocks):
