@@ -8,71 +8,56 @@ Layouts (detected from what is in --data_dir, or --layout):
   csv     a CSV with an image-path column and a label column (--path_col, --label_col)
   json    a JSON list of records with an image path and a label field (same options)
   folder  one sub-folder per class
-This file is the one place for the label formula, class names, age groups and folds.
+This file is the one place for the recipe's data decisions: the mask layout's labels (mask*6 + gender*3 +
+age group, kit/labels.py's grid) and class names, layouts, folds, corrections and augmentation presets.
+Image decoding is kit/images.py's, the test table kit/tables.py's.
 """
 import argparse
 import json
 import os
 import warnings
-from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
+
+from kit.common import KitParser, UserError, atomic_write, lookup, run_main
+from kit.options import add_data_args
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python dataset.py", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", "sample/train"))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=None, help="write the table here (CSV)")
+    parser.add_argument("--verify", action="store_true", help="decode every image and list unreadable ones")
+    add_data_args(parser)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
+from kit.images import find_bad_images, unreadable_error
+from kit.labels import AGE_BOUNDS, make_label
+from kit.tables import read_csv_checked, resolve_image
 
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 MASK_NAMES = ("wear", "incorrect", "not_worn")
 GENDERS = ("male", "female")
-AGE_BOUNDS = (30, 60)  # competition rule: <30, 30-59, >=60
 MASK_CENTER_CROP = (0.625, 0.667)  # the baseline's 320x256 of the 512x384 mask photos: the face, larger
-HEAD_NAMES = ("mask", "gender", "age")
-HEAD_SIZES = (3, 2, 3)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MASK_COLUMNS = ("id", "gender", "age", "path")
-KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
 
 
 # ---- labels: the one formula ----------------------------------------------------------------
 def age_group(age, bounds=AGE_BOUNDS):
     """0 below bounds[0], 1 up to bounds[1]-1, 2 from bounds[1] (an age equal to a bound goes up)."""
     return np.digitize(age, bounds)
-
-
-def make_label(mask, gender, age_grp):
-    return mask * 6 + gender * 3 + age_grp
-
-
-def split_label(label):
-    """18-class label -> (mask, gender, age group); works on ints, numpy arrays and tensors."""
-    return label // 6, (label // 3) % 2, label % 3
-
-
-def head_marginals(probs):
-    """(..., 18) class probabilities -> [(..., 3), (..., 2), (..., 3)]: per head (mask, gender, age), the sum
-    over the other two; numpy arrays or tensors."""
-    grid = probs.reshape(*probs.shape[:-1], *HEAD_SIZES)
-    axes = (-3, -2, -1)
-    return [grid.sum(tuple(a for a in axes if a != keep)) for keep in axes]
-
-
-def joint_from_heads(mask, gender, age):
-    """Per-head probabilities (N, 3), (N, 2), (N, 3) -> (N, 18) in label order, as if independent."""
-    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).flatten(1)
-
-
-def head_value_names(classes):
-    """Mask-layout class names 'mask/gender/age' -> the value names of each head, in head order."""
-    heads = split_label(np.arange(len(classes)))
-    return [[next(classes[i].split("/")[h] for i in range(len(classes)) if heads[h][i] == value)
-             for value in range(size)] for h, size in enumerate(HEAD_SIZES)]
 
 
 def training_labels(rows, train_age_bounds=None):
@@ -92,23 +77,6 @@ def mask_class_names(bounds=AGE_BOUNDS):
 
 
 # ---- layouts ---------------------------------------------------------------------------------
-def read_csv_checked(path, columns=(), fix="fix the header or pass the right --path_col/--label_col",
-                     missing_fix="point --data_dir at the folder that holds it", **kwargs):
-    """pandas.read_csv with one-line errors for a missing, empty or unparsable file or missing columns;
-    fix is the advice given for missing columns, missing_fix for a missing file (the flag that named it)."""
-    if not Path(path).is_file():
-        raise UserError(f"{path} not found: {missing_fix}")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not a readable CSV ({str(err).strip().splitlines()[0][:100]}); "
-                        "fix or replace the file") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} has no column {', '.join(missing)} (columns: {', '.join(table.columns)}); {fix}")
-    return table
-
-
 def is_image_file(entry):
     """Real images only: no hidden files, no AppleDouble '._*' junk, known extensions."""
     return not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_EXTS
@@ -156,15 +124,6 @@ def read_mask_layout(data_dir, age_bounds=AGE_BOUNDS, **_):
     table = pd.DataFrame(rows, columns=["path", "profile", "mask", "gender", "age"])
     table["label"] = make_label(table["mask"], table["gender"], age_group(table["age"], age_bounds))
     return table, mask_class_names(age_bounds), notes
-
-
-def resolve_image(root, name):
-    """The file for a path or id as written in an annotation, trying images/ and common extensions."""
-    for base in (root, root / "images", root / "train", root / "test"):
-        for candidate in (base / name, *(base / f"{name}{ext}" for ext in (".jpg", ".png", ".jpeg"))):
-            if candidate.is_file():
-                return candidate
-    return None
 
 
 def table_from_records(records, root, source, path_col, label_col, group_col):
@@ -361,177 +320,6 @@ def build_table(data_dir, layout="auto", folds=5, seed=42, val_ratio=0.2, groupe
     return assign_folds(table, folds, seed, val_ratio, grouped), classes, notes, layout
 
 
-def read_test_table(data_dir, submission=None):
-    """Test images and the submission frame to fill: the mask layout's info.csv (ImageID,ans) or a
-    sample-submission CSV whose first column names the image and second is the answer."""
-    data_dir = Path(data_dir)
-    if submission is None:
-        candidates = [data_dir / "info.csv", data_dir.parent / "info.csv"] + sorted(data_dir.glob("*.csv"))
-        submission = next((c for c in candidates if c.is_file()), None)
-        if submission is None:
-            raise UserError(f"{data_dir}: no info.csv or sample-submission CSV; pass --submission")
-    submission = Path(submission)
-    frame = read_csv_checked(submission, missing_fix="check --submission")
-    if frame.shape[1] < 2:
-        raise UserError(f"{submission} needs an id column and an answer column (like ImageID,ans)")
-    id_col = frame.columns[0]
-    repeated = frame[id_col][frame[id_col].duplicated()]
-    if len(repeated):
-        raise UserError(f"{submission}: {id_col} {repeated.iloc[0]} is listed more than once "
-                        f"({len(repeated)} repeated ids); each test image must have one row: fix the file")
-    root = data_dir if submission.parent == data_dir else submission.parent
-    files = [resolve_image(root, name) for name in frame[id_col]]
-    missing = [n for n, f in zip(frame[id_col], files) if f is None]
-    if missing:
-        raise UserError(f"{submission} names {len(missing)} images not found under {root} "
-                        f"(first: {missing[0]}); fix the file or --data_dir")
-    return frame, [str(f) for f in files], Path(submission)
-
-
-PSEUDO_FOLD = -2  # pseudo-labelled test images: in every fold's training set, never validated
-
-
-def with_pseudo_labels(table, notes, classes, probs_csv, test_dir, threshold):
-    """(table, notes) with the confidently predicted test images of probs_csv (read_pseudo_labels) added."""
-    pseudo = read_pseudo_labels(probs_csv, test_dir, classes, threshold)
-    notes = notes + [f"pseudo-labels: {len(pseudo)} test images of {test_dir} join every fold's training set "
-                     f"(predicted with p >= {threshold}; listed in pseudo_labels.csv)"]
-    return pd.concat([table, pseudo[table.columns]], ignore_index=True), notes
-
-
-def read_pseudo_labels(probs_csv, test_dir, classes, threshold):
-    """Test images whose predicted class (inference.py's probs.csv: id, p0..p{C-1}) is at least threshold
-    probable, as table rows (absolute path, label = that class, fold PSEUDO_FOLD) with their confidence."""
-    probs = read_csv_checked(probs_csv, [f"p{i}" for i in range(len(classes))],
-                             fix=f"pass a probs.csv written by inference.py for these {len(classes)} classes")
-    frame, files, _ = read_test_table(test_dir)
-    ids, expected = probs.iloc[:, 0].tolist(), frame.iloc[:, 0].astype(str).tolist()
-    if sorted(ids) != sorted(expected) or len(probs.columns) != len(classes) + 1:
-        differ = sorted(set(ids) ^ set(expected))[:1] or ["its columns"]
-        raise UserError(f"{probs_csv} does not match the test images of {test_dir} ({len(ids)} rows vs "
-                        f"{len(expected)}, first difference: {differ[0]}): pass the probs.csv predicted for "
-                        "--pseudo_dir, with this run's classes")
-    values = probs.set_index(probs.columns[0]).loc[expected].to_numpy(float)
-    confident = values.max(1) >= threshold
-    return pd.DataFrame({"path": [str(Path(f).resolve()) for f in np.array(files)[confident]], "profile": "",
-                         "mask": pd.NA, "gender": pd.NA, "age": pd.NA, "label": values[confident].argmax(1),
-                         "fold": PSEUDO_FOLD, "confidence": values[confident].max(1)})
-
-
-# ---- images ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CenterShare:
-    """A centred crop keeping these shares of an image's height and width, whatever its size: the baseline's
-    CenterCrop(320, 256) of the 512x384 mask photos is CenterShare(0.625, 0.667)."""
-    height: float
-    width: float
-
-    def box(self, width, height):
-        """(x0, y0, x1, y1) in whole pixels of an image of this size."""
-        keep_w, keep_h = max(1, round(width * self.width)), max(1, round(height * self.height))
-        x0, y0 = (width - keep_w) // 2, (height - keep_h) // 2
-        return (x0, y0, x0 + keep_w, y0 + keep_h)
-
-
-def center_share(center_crop):
-    """The CenterShare of a --center_crop value (config.json's "center_crop"), None for whole images (none, 1 1);
-    a value that is not two shares in (0, 1] (a hand-edited config.json) is one UserError."""
-    if not center_crop:
-        return None
-    try:
-        share = CenterShare(*map(float, center_crop))
-    except (TypeError, ValueError):  # not two numbers
-        share = None
-    if share is None or not (0 < share.height <= 1 and 0 < share.width <= 1):
-        raise UserError(f"center_crop {center_crop!r} is not two shares in (0, 1], height then width: write e.g. "
-                        "[0.625, 0.667], or [1, 1] for whole images")
-    return None if (share.height, share.width) == (1, 1) else share
-
-
-def image_boxes(paths, crop=None, margin=0.2, center_crop=None):
-    """Per-image crop boxes for ImageDataset/load_image: crop_faces.py's face boxes (a CSV, widened by margin),
-    one centred share of every image (center_crop: (height share, width share)), or None for whole images."""
-    center = center_share(center_crop)
-    if crop and center is not None:
-        raise UserError("--crop (face boxes) and --center_crop both crop the images: choose one")
-    if crop:
-        return read_boxes(crop, paths, margin)
-    return None if center is None else [center] * len(paths)
-
-
-def load_image(path, draft_size=None, box=None):
-    """RGB PIL image with EXIF orientation applied; JPEGs decode at reduced size when draft_size
-    (w, h) is small (several times faster); box (x0, y0, x1, y1, in full-size pixels, or a CenterShare) crops."""
-    with Image.open(path) as image:
-        full_w, full_h = image.size
-        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: shown rotated by 90 degrees
-        shown = (full_h, full_w) if turned else (full_w, full_h)
-        box = box.box(*shown) if isinstance(box, CenterShare) else box
-        if draft_size and image.format == "JPEG":
-            region = (box[2] - box[0], box[3] - box[1]) if box is not None else shown  # what must be big enough
-            scale = max(draft_size[0] / max(region[0], 1), draft_size[1] / max(region[1], 1))
-            image.draft("RGB", (int(full_w * scale) + 1, int(full_h * scale) + 1))
-        shrink = image.size[0] / full_w
-        image = ImageOps.exif_transpose(image)
-        if box is not None:
-            image = image.crop(tuple(round(v * shrink) for v in box))
-        return to_rgb(image)
-
-
-def to_rgb(image):
-    """RGB of any PIL mode; 16/32-bit grey (16-bit PNGs, TIFFs) scaled 65535 -> 255, where Pillow's convert
-    would clip every value above 255 to white."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.float64) / 257  # 65535 / 255: the 16-bit range onto 8 bits
-        image = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8), "L")
-    return image.convert("RGB")
-
-
-DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)  # what a bad file raises
-
-
-def check_image(path):
-    """None if the image decodes completely, else the reason."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (image.size[0] // 8 + 1, image.size[1] // 8 + 1))  # decodes every byte, faster
-            image.load()
-        return None
-    except DECODE_ERRORS as err:
-        return f"{type(err).__name__}: {err}"
-
-
-def without_unreadable(table, data_dir, bad, skip):
-    """(table, bad): unreadable images ((path, reason) from find_bad_images) stop the run, or with skip are
-    dropped from the table."""
-    if bad and not skip:
-        raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
-                        + " — replace them or pass --skip_bad_images")
-    bad_files = {p for p, _ in bad}
-    keep = [str(Path(data_dir) / p) not in bad_files for p in table["path"]]
-    return table[keep].reset_index(drop=True), bad
-
-
-def find_bad_images(paths, workers=None):
-    """[(path, reason)] for every file that does not decode, checked in parallel."""
-    with Pool(workers or os.cpu_count()) as pool:
-        reasons = pool.map(check_image, paths, chunksize=64)
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
-
-
-def read_boxes(boxes_csv, paths, margin=0.2):
-    """Crop boxes for paths from a CSV (path,x0,y0,x1,y1), widened by margin of their size."""
-    boxes = read_csv_checked(boxes_csv, ["path", "x0", "y0", "x1", "y1"], fix="write it with crop_faces.py",
-                             missing_fix="check --crop, or write it with crop_faces.py").set_index("path")
-    missing = [p for p in paths if p not in boxes.index]
-    if missing:
-        raise UserError(f"{boxes_csv} has no box for {len(missing)} images (first: {missing[0]}); "
-                        "re-run crop_faces.py on this data")
-    xyxy = boxes.loc[list(paths), ["x0", "y0", "x1", "y1"]].astype(float).to_numpy()
-    pad = np.repeat((xyxy[:, 2:] - xyxy[:, :2]) * margin, 2, axis=0).reshape(-1, 4) * [-1, -1, 1, 1]
-    return [tuple(b) for b in (xyxy + pad).clip(min=0)]
-
-
 # ---- augmentation presets: uint8 tensors out; the model normalizes ------------------------------
 def resize_ops(size, interpolation):
     return [T.Resize(size, interpolation=interpolation, antialias=True), T.ToImage()]
@@ -595,59 +383,7 @@ def build_transform(augmentation, input_size, interpolation="bilinear", train=Tr
     return T.Compose(ops + [T.ToDtype(torch.uint8)])
 
 
-def resizes_first(transform):
-    """True when a transform begins with the plain resize, so a cached image gives the same pixels."""
-    return isinstance(transform.transforms[0], T.Resize)
-
-
-class ImageDataset(Dataset):
-    """Images of a table as (uint8 CHW tensor, label, row index); labels None -> -1 (test images).
-    heads=True adds (mask, gender, age group) for multi-head models on the mask layout; read is
-    load_image or a reader with its arguments (path, draft_size, box), such as speed.py's image cache."""
-
-    def __init__(self, files, labels=None, transform=None, boxes=None, draft_size=None, heads=False,
-                 read=load_image):
-        self.files, self.transform, self.boxes = list(files), transform, boxes
-        self.labels = np.full(len(self.files), -1) if labels is None else np.asarray(labels)
-        self.draft_size, self.heads, self.read = draft_size, heads, read
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, index):
-        box = self.boxes[index] if self.boxes is not None else None
-        image = self.transform(self.read(self.files[index], self.draft_size, box))
-        label = int(self.labels[index])
-        return (image, label, index, torch.tensor(split_label(label))) if self.heads else (image, label, index)
-
-
 # ---- command line ------------------------------------------------------------------------------
-def add_data_args(parser):
-    """Data arguments shared by dataset.py and train.py."""
-    parser.add_argument("--layout", default="auto", help=f"auto or one of: {', '.join(LAYOUTS)}")
-    parser.add_argument("--ann_file", default=None, help="annotation CSV/JSON for csv/json layouts")
-    parser.add_argument("--path_col", default="path", help="image path column/field (csv, json)")
-    parser.add_argument("--label_col", default="label", help="label column/field (csv, json)")
-    parser.add_argument("--group_col", default=None, help="group column kept in one fold (csv, json)")
-    parser.add_argument("--age_bounds", type=in_range(int, 1), nargs=2, default=list(AGE_BOUNDS),
-                        help="age group edges of the labels (the competition's rule)")
-    parser.add_argument("--train_age_bounds", type=in_range(int, 1), nargs=2, default=None,
-                        help="mask layout: train on other age-group edges (e.g. 30 58); OOF, reports and the "
-                             "submission stay on --age_bounds")
-    parser.add_argument("--folds", type=in_range(int, 1), default=5, help="K folds; 1 = one grouped holdout")
-    parser.add_argument("--val_ratio", type=in_range(float, 0, 1, True, True), default=0.2, help="holdout share when --folds 1")
-    parser.add_argument("--split", default="group", choices=["group", "random"],
-                        help="group keeps each person in one fold; random leaks (for comparison only)")
-    parser.add_argument("--pseudo_labels", default=None, help="probs.csv from inference.py: test images predicted "
-                        "with at least --pseudo_threshold join every fold's training set (never validation)")
-    parser.add_argument("--pseudo_dir", default=os.environ.get("SM_CHANNEL_EVAL", "sample/eval"),
-                        help="the test folder (info.csv) that --pseudo_labels was predicted for")
-    parser.add_argument("--pseudo_threshold", type=in_range(float, 0, 1, low_open=True), default=0.9,
-                        help="least predicted probability of a pseudo-label")
-    parser.add_argument("--drop_list", default=None, help="CSV of images to leave out (path or profile)")
-    parser.add_argument("--relabel_list", default=None, help="CSV of corrections (path|profile[,image],field,value)")
-
-
 def table_from_args(args):
     return build_table(args.data_dir, args.layout, args.folds, args.seed, args.val_ratio, args.split == "group",
                        tuple(args.age_bounds), args.drop_list, args.relabel_list, ann_file=args.ann_file,
@@ -664,21 +400,14 @@ def summarize(table, classes, notes):
     return "\n".join(lines)
 
 
-def main():
-    parser = KitParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=os.environ.get("SM_CHANNEL_TRAIN", "sample/train"))
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--out", default=None, help="write the table here (CSV)")
-    parser.add_argument("--verify", action="store_true", help="decode every image and list unreadable ones")
-    add_data_args(parser)
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     table, classes, notes, layout = table_from_args(args)
     print(f"layout: {layout}\n{summarize(table, classes, notes)}")
     if args.verify:
         bad = find_bad_images([str(Path(args.data_dir) / p) for p in table["path"]])
         if bad:
-            raise UserError(f"{len(bad)} unreadable images: " + "; ".join(f"{p} ({r})" for p, r in bad)
-                            + " — remove or replace them")
+            raise unreadable_error(bad, "remove or replace them")
         print(f"verified: all {len(table)} images decode")
     if args.out:
         atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))

@@ -8,31 +8,17 @@ Every fold's best.pth (or --folds, --checkpoint last) is run on each decoded bat
 averaged (soft voting). OUTPUT/output.csv has info.csv's (or the sample submission's) columns and row
 order with the answer filled; OUTPUT/probs.csv holds the averaged probabilities for later blending;
 OUTPUT/output_manifest.json names what made them (runs, folds, checkpoint, TTA, time, output.csv's sha256),
-so a leaderboard score can be traced back to its runs (python compare.py --outputs OUTPUT lists them).
+so a leaderboard score can be traced back to its runs (python -m kit.compare --outputs OUTPUT lists them).
 """
 import argparse
-import hashlib
-import json
 import os
-from datetime import datetime, timezone
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-
-from common import KitParser, UserError, atomic_write_all, in_range, run_main
-from dataset import (ImageDataset, build_transform, center_share, find_bad_images, read_boxes, read_csv_checked,
-                     read_test_table)
-from model import load_checkpoint, predict_probs
-from decision import run_rule
-from runs import check_same_run, read_config
+from kit.common import KitParser, UserError, in_range, run_main
 
 
 def parse_args(argv=None):
     env = os.environ.get
-    p = KitParser(prog="inference.py", description=__doc__,
+    p = KitParser(prog="python inference.py", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=env("SM_CHANNEL_EVAL", "sample/eval"), help="test folder (info.csv)")
     p.add_argument("--model_dir", nargs="+", default=[env("SM_CHANNEL_MODEL", "model/exp")],
@@ -42,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--folds", type=in_range(int, 0), nargs="+", default=None, help="only these folds (default: all)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
     p.add_argument("--tta", action="store_true", help="also predict the horizontally flipped image")
-    p.add_argument("--crop", default=None, help="boxes CSV for the test images (crop_faces.py)")
+    p.add_argument("--crop", default=None, help="boxes CSV for the test images (python -m kit.crop_faces)")
     p.add_argument("--batch_size", type=in_range(int, 1), default=256,
                    help="images per batch (halved while the GPU runs out of memory)")
     p.add_argument("--num_workers", type=in_range(int, 0), default=min(4, os.cpu_count()), help="data loader processes")
@@ -52,19 +38,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_run(run_dir, folds=None, which="best", device="cpu"):
-    """The fold models of a run folder and its config; each checkpoint must match the config."""
-    config = read_config(run_dir)
-    paths = sorted(Path(run_dir).glob(f"fold*/{which}.pth"), key=lambda p: int(p.parent.name[4:]))
-    paths = [p for p in paths if folds is None or int(p.parent.name[4:]) in folds]
-    if not paths:
-        raise UserError(f"{run_dir} has no fold*/{which}.pth" + (f" for folds {folds}" if folds else "")
-                        + ": train first or check --folds")
-    models = []
-    for path in paths:
-        models.append(load_checkpoint(path, device, lambda saved: check_same_run(
-            saved, config, path, "copy the right checkpoint or train again"))[0])
-    return models, config
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import build_transform
+from kit.common import atomic_write_all
+from kit.decision import run_rule
+from kit.device import pick_device
+from kit.images import ImageDataset, center_share, find_bad_images, read_boxes, unreadable_error
+from kit.predict import load_run, predict_probs
+from kit.tables import read_csv_checked, read_test_table
 
 
 def load_ensemble(run_dirs, folds, which, device):
@@ -183,13 +176,12 @@ def manifest(args, n_models, rule):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     runs = load_ensemble(args.model_dir, args.folds, args.checkpoint, device)
     template, files, submission_path = read_test_table(args.data_dir, args.submission)
     bad = find_bad_images(files)
     if bad:  # never skipped: a submission must have every row
-        raise UserError(f"{len(bad)} unreadable test images: " + "; ".join(f"{p} ({r})" for p, r in bad[:5])
-                        + " — replace them; nothing written")
+        raise unreadable_error(bad, "replace them; nothing written", what="test images")
     relative = [os.path.relpath(f, submission_path.parent) for f in files]
     boxes = read_boxes(args.crop, relative, runs[0][0].get("crop_margin", 0.2)) if args.crop else None
     n_models = sum(len(models) for _, models in runs)

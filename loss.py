@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, lookup
-from dataset import HEAD_NAMES, HEAD_SIZES, head_marginals, split_label
+from kit.common import UserError, lookup
+from kit.labels import HEAD_NAMES, HEAD_SIZES, head_marginals, split_label
 
 
 def as_probs(target, num_classes, dtype):

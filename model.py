@@ -8,16 +8,15 @@ Images go in as RGB in 0..255 (uint8 or float), so train, inference, export and 
 one preprocessing: resize (size from `data_config`) and nothing else.
 """
 import difflib
-from contextlib import nullcontext
-from pathlib import Path
 
 import timm
 import torch
 from timm.models import group_parameters
 from torch import nn
 
-from common import UserError, lookup
-from dataset import HEAD_SIZES, joint_from_heads
+from kit.checkpoints import load_torch_file
+from kit.common import UserError, lookup, one_line
+from kit.labels import HEAD_SIZES, joint_from_heads
 
 HEADS = {"single": lambda num_classes: num_classes,    # one softmax over all classes
          "multi": lambda num_classes: sum(HEAD_SIZES)}  # mask 3 | gender 2 | age 3 logits
@@ -46,26 +45,11 @@ def to_probs(logits, head="single"):
     return joint_from_heads(*(part.float().softmax(1) for part in logits.split(HEAD_SIZES, dim=1)))
 
 
-def one_line(err, limit):
-    """An exception's message on one line (hub and state-dict errors span several), cut to limit."""
-    return " ".join(str(err).split())[:limit]
-
-
 def check_model_name(name):
     if not timm.is_model(name.split(".")[0]):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise UserError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else "")
                         + " (see timm.list_models())")
-
-
-def load_torch_file(path, what, fix, weights_only=True):
-    """torch.load onto the CPU with one-line errors that name the file and the fix."""
-    if not Path(path).is_file():
-        raise UserError(f"{what} {path} not found: {fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as err:  # torch raises several types for a file that is not a checkpoint
-        raise UserError(f"{path} is not a {what} ({type(err).__name__}): {fix}") from None
 
 
 def read_state_dict(path):
@@ -185,77 +169,3 @@ def keep_frozen_statistics(model):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None \
                 and not module.weight.requires_grad:
             module.eval()
-
-
-def load_checkpoint(path, device="cpu", check=None):
-    """A model saved by train.py and its config (model name, head, classes, input size); check(config), if
-    given, runs before the model is built (e.g. that the checkpoint belongs to the run it was found in)."""
-    checkpoint = load_torch_file(path, "checkpoint", "train first, or check --model_dir")
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise UserError(f"{path} was not saved by train.py (no config); use it with --weights instead")
-    config = checkpoint["config"]
-    if check is not None:
-        check(config)
-    model = create_model(config["model"], len(config["classes"]), config["head"], pretrained=False)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        raise UserError(f"{path} does not match its own config ({one_line(err, 160)})") from None
-    return model.to(device).eval(), config
-
-
-def pick_device(name="auto"):
-    """--device as a torch.device; auto is cuda when this machine has one. A name torch does not know
-    (gpu0) or a GPU this machine lacks is one line listing the valid names."""
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if name == "auto":
-        return torch.device("cuda" if gpus else "cpu")
-    valid = ["auto", "cpu", *(["cuda"] if gpus else []), *gpus]
-    if name not in valid:
-        raise UserError(f"--device {name} is not a device of this machine; valid: {', '.join(valid)}")
-    return torch.device(name)
-
-
-def amp_dtype(device, amp="auto"):
-    """Autocast dtype: bf16 where the hardware runs it fast (recent GPUs, AVX512-BF16/AMX CPUs),
-    fp16 on older GPUs, None (fp32) otherwise or with amp='off'."""
-    if amp != "auto":
-        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported() else None
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def to_device(images, device, channels_last=True):
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
-
-
-@torch.no_grad()
-def predict_probs(models, loader, head, device, amp="auto", channels_last=True, tta=False):
-    """Mean class probabilities of one or several models over a loader (each batch decoded once,
-    every model and the flipped view run on it); returns (probs, row indices) as numpy arrays."""
-    models = models if isinstance(models, (list, tuple)) else [models]
-    for model in models:
-        model.eval()
-    dtype, probs, rows = amp_dtype(device, amp), [], []
-    for images, _, index, *_ in loader:
-        images = to_device(images, device, channels_last)
-        views = [images, images.flip(3)] if tta else [images]
-        with autocast(device, dtype):
-            batch = sum(to_probs(m(v), head) for m in models for v in views) / (len(models) * len(views))
-        probs.append(batch.float())  # kept on the device: no wait for the host after every batch
-        rows.append(index)
-    return torch.cat(probs).cpu().numpy(), torch.cat(rows).numpy()
-
-
-def out_of_memory(batch_size, valid_batch_size, accum_steps, name, input_size):
-    """The one-line advice for CUDA out of memory: half the batch, twice the accumulation (same images a step)."""
-    return UserError(f"out of memory with --batch_size {batch_size} (--valid_batch_size {valid_batch_size}) for "
-                     f"{name} at {input_size[1]}x{input_size[2]}: start a new run with --batch_size "
-                     f"{max(2, batch_size // 2)} --accum_steps {accum_steps * 2} (the same images per optimizer "
-                     "step), or a smaller --resize")

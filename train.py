@@ -1,7 +1,7 @@
 """K-fold training with person-grouped folds, out-of-fold scores and one run folder per experiment.
 
     python train.py --model tf_efficientnet_lite0 --epochs 10 --resize 256 192
-    python train.py --config my.yaml --folds 5 --fold 0          # one fold; any argument from a YAML/JSON
+    python train.py --config recipes/cpu_quick.yaml --fold 0     # a recipe, one fold; any argument from YAML/JSON
     python train.py --resume model/exp3                          # continue an interrupted run
     torchrun --nproc_per_node 2 train.py ...                     # DistributedDataParallel
 
@@ -9,39 +9,16 @@ The run folder (model_dir/name, numbered if it exists) gets config.json, folds.c
 and last.pth, fold{i}/oof.csv, oof.csv, metrics.json, log.csv, report.html and TensorBoard events:
 everything inference.py needs. See --help for every argument.
 
-Reading order: settings (parse_args), then main() (the whole job), train_fold() (one fold's objects and
-its epoch loop), train_one_epoch() (the step). Speed machinery lives in speed.py, the run folder in
-runs.py, torchrun and --fold_per_device in distributed.py.
+Reading order: settings (build_parser), then main() (the whole job), train_fold() (one fold's objects and
+its epoch loop), train_one_epoch() (the step). The machinery lives in the kit package: the speed machinery in
+kit/speed.py, the run folder in kit/runs.py, torchrun and --fold_per_device in kit/distributed.py.
 """
 import argparse
-import math
 import os
-import random
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import torch
-from sklearn.metrics import f1_score
-from timm.data import Mixup
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
-from torch.utils.data import DistributedSampler, RandomSampler, WeightedRandomSampler
-from tqdm import tqdm
-
-import runs
-import speed
-from common import KitParser, UserError, float_list, given_names, in_range, lookup, read_settings_file, run_main
-from dataset import (MASK_CENTER_CROP, HalfCutMix, ImageDataset, add_data_args, build_transform, image_boxes,
-                     rarest_classes, resizes_first, summarize, table_from_args, training_labels, with_pseudo_labels,
-                     without_unreadable)
-from distributed import (check_launch, finish_distributed, from_rank0, gather_predictions, launch_fold_per_device,
-                         setup_distributed)
-from loss import check_finite, create_criterion
-from model import (amp_dtype, autocast, check_input_size, create_model, data_config, early_parameters,
-                   keep_frozen_statistics, out_of_memory, param_groups, predict_probs, to_device, to_probs)
+from kit.common import KitParser, UserError, float_list, given_names, in_range, read_settings_file, run_main
+from kit.options import add_data_args, add_run_args, check_launch
 
 OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
               "adam": lambda p, lr, wd: torch.optim.Adam(p, lr=lr, weight_decay=wd),
@@ -54,13 +31,13 @@ SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_d
 
 def build_parser():
     env = os.environ.get
-    p = KitParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = KitParser(prog="python train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML/JSON file of argument defaults (the command line wins)")
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default=env("SM_CHANNEL_TRAIN", "sample/train"), help="training data folder")
     add_data_args(data)
     data.add_argument("--dataset", dest="layout", help="alias of --layout (the baseline's name)")
-    data.add_argument("--crop", default=None, help="boxes CSV from crop_faces.py: train on the crops")
+    data.add_argument("--crop", default=None, help="boxes CSV from python -m kit.crop_faces: train on the crops")
     data.add_argument("--crop_margin", type=in_range(float, 0), default=0.2, help="box widened by this share")
     data.add_argument("--center_crop", type=in_range(float, 0, 1, low_open=True), nargs=2, default=None,
                       metavar=("H", "W"), help="keep the centre H x W share of each image (train, test); default "
@@ -106,24 +83,7 @@ def build_parser():
     aug.add_argument("--half_cutmix", type=in_range(float, 0, 1), default=0.0, help="share of images whose left or "
                      "right half comes from another image (faces stay whole halves)")
     aug.add_argument("--mix_rare", action="store_true", help="--half_cutmix takes the other half from the rarest classes")
-    run = p.add_argument_group("run and system")
-    run.add_argument("--model_dir", default=env("SM_MODEL_DIR", "model"), help="where run folders are made")
-    run.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... if taken)")
-    run.add_argument("--seed", type=int, default=42, help="fixes folds, init, order and augmentation")
-    run.add_argument("--fold", type=in_range(int, 0), default=None, help="train only this fold")
-    run.add_argument("--valid_batch_size", type=in_range(int, 1), default=128, help="validation batch size")
-    run.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
-    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    speed.add_speed_args(run)
-    run.add_argument("--log_interval", type=in_range(int, 1), default=20, help="batches between progress updates")
-    run.add_argument("--decision", default="prior", choices=["prior", "prior_age", "off"], help="macro-F1 decision "
-                     "layer fitted on OOF (decision.py), applied by inference.py where cross-fitting shows a gain")
-    run.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                     help="end with report.py's pictures and report.html (a few seconds)")
-    run.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept; "
-                     f"{', '.join('--' + k for k in SAFE_ON_RESUME)} may be given with it)")
-    run.add_argument("--fold_per_device", action="store_true", help="one process per GPU, each its own folds")
+    add_run_args(p.add_argument_group("run and system"), SAFE_ON_RESUME)
     return p
 
 
@@ -142,6 +102,38 @@ def parse_args(argv=None):
         raise UserError("--resize takes H or H W")
     check_launch(args)
     return args
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from timm.data import Mixup
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DistributedSampler, RandomSampler, WeightedRandomSampler
+from tqdm import tqdm
+
+from dataset import (MASK_CENTER_CROP, HalfCutMix, build_transform, rarest_classes, summarize, table_from_args,
+                     training_labels)
+from kit import report, runs, speed
+from kit.common import lookup
+from kit.device import amp_dtype, autocast, out_of_memory, to_device
+from kit.distributed import finish_distributed, from_rank0, gather_predictions, launch_fold_per_device, setup_distributed
+from kit.images import ImageDataset, image_boxes, without_unreadable
+from kit.predict import predict_probs
+from kit.tables import with_pseudo_labels
+from loss import check_finite, create_criterion
+from model import (check_input_size, create_model, data_config, early_parameters, keep_frozen_statistics,
+                   param_groups, to_probs)
 
 
 def check_args(cfg, table):
@@ -193,7 +185,7 @@ def new_run(args, rank):
     """(settings, table) of a new run, its folder started with config.json and folds.csv."""
     run_dir = from_rank0(runs.increment_path(Path(args.model_dir) / args.name) if rank == 0 else None)
     cfg, table, notes = run_settings(args, run_dir)
-    table, bad = without_unreadable(table, cfg.data_dir, speed.warm_cache(table, cfg, rank),
+    table, bad = without_unreadable(table, cfg.data_dir, speed.warm_cache(table, cfg, transform_of(cfg), rank),
                                     cfg.skip_bad_images)
     if rank == 0:
         print(f"layout: {cfg.layout}\n{summarize(table, cfg.classes, notes)}\nrun folder: {run_dir}")
@@ -214,12 +206,13 @@ def main(argv=None):
     run_dir = Path(cfg.run_dir)
     folds = [cfg.fold] if cfg.fold is not None else sorted(int(f) for f in table["fold"].unique() if f >= 0)
     if cfg.fold_per_device and torch.cuda.device_count() > 1 and cfg.fold is None:
-        return launch_fold_per_device(run_dir, folds, vars(cfg))
+        launch_fold_per_device(__file__, run_dir, folds, vars(cfg))  # one process per GPU, each its own folds
+        folds = []
     todo = [fold for fold in folds if not runs.fold_finished(run_dir, fold)]
     if rank == 0:
         print(f"device: {device}" + "".join(f"\nfold {f}: finished earlier, kept" for f in folds if f not in todo))
     if todo and args.resume:  # a new run's images were decoded (into the cache) by new_run's check
-        speed.warm_cache(table, cfg, rank)
+        speed.warm_cache(table, cfg, transform_of(cfg), rank)
     for fold in todo:
         try:
             log = train_fold(fold, table, cfg, device, rank, world)
@@ -230,17 +223,27 @@ def main(argv=None):
         if rank == 0:
             runs.finish_fold(run_dir, fold, log)
     if rank == 0:
-        runs.finish_run(run_dir, vars(cfg))
+        summary = runs.finish_run(run_dir, vars(cfg))  # oof.csv, metrics.json, decision.json
+        if cfg.report:  # report.html and its pictures (a few seconds); --no-report: confusion.png alone
+            report.write_report(run_dir)
+        else:
+            report.write_confusion(run_dir)
+        print(summary)
     finish_distributed(world)
 
 
 # ---- one fold -------------------------------------------------------------------------------------
+def transform_of(cfg, train=True):
+    """The run's augmentation preset (dataset.py) for training, or its plain resize for evaluation."""
+    return build_transform(cfg.augmentation, cfg.input_size, cfg.interpolation, train=train)
+
+
 def make_loader(rows, cfg, train, rank=0, world=1):
     """DataLoader over table rows; training shuffles (or class-balances), validation keeps order."""
     files = [str(Path(cfg.data_dir) / p) for p in rows["path"]]
     boxes = image_boxes(rows["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)
-    transform = build_transform(cfg.augmentation, cfg.input_size, cfg.interpolation, train=train)
-    read = speed.image_reader(cfg, len(rows), resizes_first(transform))
+    transform = transform_of(cfg, train)
+    read = speed.image_reader(cfg, len(rows), transform)
     labels = training_labels(rows, cfg.train_age_bounds) if train else rows["label"].to_numpy()
     dataset = ImageDataset(files, labels, transform, boxes, draft_size=(cfg.input_size[2], cfg.input_size[1]),
                            read=read)
@@ -286,9 +289,8 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
     model = create_model(cfg.model, len(cfg.classes), cfg.head, pretrained=cfg.pretrained or bool(cfg.weights),
                          weights=cfg.weights).to(device)
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    optimizer = OPTIMIZERS[cfg.optimizer](param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.freeze_backbone,
-                                                      cfg.freeze_blocks),
-                                          cfg.lr, cfg.weight_decay)
+    groups = param_groups(model, cfg.lr, cfg.backbone_lr_scale, cfg.freeze_backbone, cfg.freeze_blocks)
+    optimizer = OPTIMIZERS[cfg.optimizer](groups, cfg.lr, cfg.weight_decay)
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.accum_steps)
     scheduler = SCHEDULERS[cfg.scheduler] and create_scheduler_v2(
         optimizer, SCHEDULERS[cfg.scheduler], num_epochs=cfg.epochs, decay_epochs=cfg.lr_decay_step, decay_rate=0.5,

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset import UserError, run_main  # noqa: E402
+from kit.common import UserError, run_main  # noqa: E402
 
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 FOLDER_NAMES = [f"{m * 6 + g * 3 + a:02d}_{mn}_{gn}_{an}" for m, mn in enumerate(("wear", "incorrect", "not_worn"))

@@ -4,6 +4,7 @@ Run from anywhere:  python sample/make_sample.py
 It deletes and rewrites sample/train/ and sample/eval/; with the same numpy and Pillow versions the
 output is byte-identical. Needs only the standard library, numpy and Pillow; takes a few seconds.
 """
+import argparse
 import colorsys
 import csv
 import hashlib
@@ -214,6 +215,7 @@ def write_csv(path, header, rows):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     rng = np.random.default_rng(SEED)
     for part in ("train", "eval"):
         shutil.rmtree(SAMPLE_DIR / part, ignore_errors=True)

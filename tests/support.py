@@ -1,7 +1,7 @@
 """Helpers shared by test files (pytest puts this folder on sys.path)."""
 import pytest
 
-from common import UserError
+from kit.common import UserError
 
 
 def one_line_error(call):

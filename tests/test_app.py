@@ -1,4 +1,4 @@
-"""app.py: a real headless Chromium uploads a sample photo to the demo page served on localhost and reads
+"""kit/app.py: a real headless Chromium uploads a sample photo to the demo page served on localhost and reads
 the model's top class off the page; the Flask test client checks the attributes and a bad upload."""
 import contextlib
 import html
@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-import app  # noqa: E402
-from dataset import build_transform, center_share, load_image  # noqa: E402
-from inference import load_run  # noqa: E402
+from kit import app  # noqa: E402
+from dataset import build_transform  # noqa: E402
+from kit.images import center_share, load_image  # noqa: E402
+from kit.predict import load_run  # noqa: E402
 from model import to_probs  # noqa: E402
 
 SAMPLE_IMAGES = sorted((ROOT / "sample" / "eval" / "images").glob("[!.]*.jpg"))
@@ -69,9 +70,9 @@ def free_port():
 
 @contextlib.contextmanager
 def serving(app_args):
-    """python app.py APP_ARGS on a free localhost port, in its own process: yields its URL."""
+    """python -m kit.app APP_ARGS on a free localhost port, in its own process: yields its URL."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "app.py", *app_args, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "kit.app", *app_args, "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 120
     while True:
@@ -81,7 +82,7 @@ def serving(app_args):
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                pytest.fail(f"app.py did not come up: {process.stdout.read()[-2000:]}")
+                pytest.fail(f"kit/app.py did not come up: {process.stdout.read()[-2000:]}")
             time.sleep(0.5)
     try:
         yield url
@@ -103,7 +104,7 @@ def headless_chromium(tmp_path, window="900,1000"):
 
 @pytest.fixture(scope="module")
 def server(tiny_run_dir):
-    """app.py serving the tiny run."""
+    """kit/app.py serving the tiny run."""
     with serving(["--model_dir", str(tiny_run_dir)]) as url:
         yield url
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 import inference
 import train
-from common import UserError
-from dataset import CenterShare, center_share, image_boxes, load_image
+from kit.common import UserError
+from kit.images import CenterShare, center_share, image_boxes, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

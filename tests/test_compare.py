@@ -1,4 +1,4 @@
-"""compare.py on three tiny runs of the sample (the session's tiny run + two 1-epoch variants), a broken, a
+"""kit/compare.py on three tiny runs of the sample (the session's tiny run + two 1-epoch variants), a broken, a
 foreign and an unfinished folder, and a submission whose output_manifest.json inference.py wrote."""
 import hashlib
 import json
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-from compare import write_leaderboard  # noqa: E402
+from kit.compare import write_leaderboard  # noqa: E402
 from test_app import headless_chromium  # noqa: E402
 
 TINY = ["--data_dir", "sample/train", "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",

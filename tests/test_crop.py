@@ -1,4 +1,4 @@
-"""crop_faces.py: MTCNN puts the box on a real face (scikit-image's astronaut photo), falls back to the
+"""kit/crop_faces.py: MTCNN puts the box on a real face (scikit-image's astronaut photo), falls back to the
 portrait box where it finds none, and its boxes feed train.py and inference.py --crop on the sample."""
 import subprocess
 import sys
@@ -10,15 +10,15 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-import crop_faces  # noqa: E402
+from kit import crop_faces  # noqa: E402
 from dataset import build_table  # noqa: E402
 
 ASTRONAUT_FACE = (181, 62, 268, 172)  # where MTCNN finds Eileen Collins's face (x0, y0, x1, y1)
 
 
 def run_crop(monkeypatch, capsys, *argv):
-    """crop_faces.py's command line in this process; returns what it printed."""
-    monkeypatch.setattr(sys, "argv", ["crop_faces.py", *map(str, argv), "--num_workers", "0"])
+    """kit/crop_faces.py's command line in this process; returns what it printed."""
+    monkeypatch.setattr(sys, "argv", ["kit/crop_faces.py", *map(str, argv), "--num_workers", "0"])
     crop_faces.run_main(crop_faces.main)
     return capsys.readouterr().out
 

@@ -19,8 +19,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 import dataset  # noqa: E402
-from common import UserError, run_main  # noqa: E402
-from dataset import apply_corrections, build_table, detect_layout, load_image  # noqa: E402
+from kit.common import UserError, run_main  # noqa: E402
+from dataset import apply_corrections, build_table, detect_layout  # noqa: E402
+from kit.images import ImageDataset, find_bad_images, load_image  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 STEM_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -349,7 +350,7 @@ def test_cli_verify_lists_unreadable_and_truncated_images(tmp_path, monkeypatch,
     assert err.startswith("error: 2 unreadable images") and len(err.strip().splitlines()) == 1
     assert "mask2.jpg (OSError: image file is truncated" in err and "mask3.jpg (UnidentifiedImageError" in err
     assert "mask1.jpg" not in err
-    bad = dataset.find_bad_images([str(folder / f"mask{i}.jpg") for i in (1, 2, 3)], workers=1)
+    bad = find_bad_images([str(folder / f"mask{i}.jpg") for i in (1, 2, 3)], workers=1)
     assert [Path(p).name for p, _ in bad] == ["mask2.jpg", "mask3.jpg"]
 
 
@@ -537,17 +538,17 @@ def test_image_dataset_gives_uint8_chw_of_the_transform_size_and_the_label(sampl
     rows = table.iloc[[0, 9, 30]]
     files = [str(SAMPLE / p) for p in rows["path"]]
     transform = dataset.build_transform("base", (3, 40, 30), train=False)
-    data = dataset.ImageDataset(files, rows["label"].to_numpy(), transform, draft_size=(30, 40))
+    data = ImageDataset(files, rows["label"].to_numpy(), transform, draft_size=(30, 40))
     assert len(data) == 3
     for index in range(3):
         image, label, row = data[index]
         assert image.dtype == torch.uint8 and image.shape == (3, 40, 30)
         assert label == rows["label"].iloc[index] and row == index
-    heads = dataset.ImageDataset(files, rows["label"].to_numpy(), transform, heads=True)[1][3]
+    heads = ImageDataset(files, rows["label"].to_numpy(), transform, heads=True)[1][3]
     label = rows["label"].iloc[1]
     assert heads.tolist() == [label // 6, label // 3 % 2, label % 3]
     assert image.float().std() > 5  # a picture, not a blank
-    assert dataset.ImageDataset(files, None, transform)[0][1] == -1
+    assert ImageDataset(files, None, transform)[0][1] == -1
 
 
 @pytest.mark.parametrize("preset", sorted(dataset.AUGMENTATIONS))

@@ -1,4 +1,4 @@
-"""The macro-F1 decision layer (decision.py) on synthetic probabilities; numpy only, about a second.
+"""The macro-F1 decision layer (kit/decision.py) on synthetic probabilities; numpy only, about a second.
 
     python -m pytest -q tests/test_decision.py
 """
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-import decision
-from dataset import UserError
+from kit import decision
+from kit.common import UserError
 
 
 def imbalanced(seed=0, n=3000, n_classes=4, rare_share=0.04):

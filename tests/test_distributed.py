@@ -15,9 +15,9 @@ import pytest
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
-import distributed  # noqa: E402
+from kit import distributed  # noqa: E402
 import train  # noqa: E402
-from common import UserError  # noqa: E402
+from kit.common import UserError  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 COMMON = ["--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--epochs", "6", "--folds", "2",

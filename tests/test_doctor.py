@@ -1,4 +1,4 @@
-"""doctor.py: passes on this machine; a GPU the torch build cannot run, a container's 64 MB /dev/shm, a library
+"""kit/doctor.py: passes on this machine; a GPU the torch build cannot run, a container's 64 MB /dev/shm, a library
 below requirements.txt, a missing weights package each give one 'problem: ... fix: ...' line and exit 1.
 Run in this process (a subprocess would spend its time importing torch)."""
 import shutil
@@ -7,14 +7,14 @@ from collections import namedtuple
 import pytest
 import torch
 
-import doctor
-from common import UserError
+from kit import doctor
+from kit.common import UserError
 
 OLD_BUILD = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
 
 
 def run_doctor(capsys, *argv):
-    """(exit status, printed lines) of doctor.py argv."""
+    """(exit status, printed lines) of kit/doctor.py argv."""
     with pytest.raises(SystemExit) as status:
         doctor.main(list(argv))
     return status.value.code, capsys.readouterr().out.splitlines()

@@ -1,4 +1,4 @@
-"""export.py: ONNX (run with onnxruntime) and TorchScript files give PyTorch's probabilities on real sample
+"""kit/export.py: ONNX (run with onnxruntime) and TorchScript files give PyTorch's probabilities on real sample
 images, for one fold and for the fold ensemble; preprocess.json alone is enough to feed them."""
 import json
 import sys
@@ -10,9 +10,10 @@ import torch
 from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
-import export  # noqa: E402
-from dataset import build_transform, load_image  # noqa: E402
-from inference import load_run  # noqa: E402
+from kit import export  # noqa: E402
+from dataset import build_transform  # noqa: E402
+from kit.images import load_image  # noqa: E402
+from kit.predict import load_run  # noqa: E402
 from model import to_probs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is what is tested
@@ -20,8 +21,8 @@ SAMPLE_IMAGES = sorted((ROOT / "sample" / "eval" / "images").glob("[!.]*.jpg"))[
 
 
 def run_export(monkeypatch, *argv):
-    """export.py's command line, in this process (a UserError exits 2 with one 'error:' line)."""
-    monkeypatch.setattr(sys, "argv", ["export.py", *map(str, argv)])
+    """kit/export.py's command line, in this process (a UserError exits 2 with one 'error:' line)."""
+    monkeypatch.setattr(sys, "argv", ["kit/export.py", *map(str, argv)])
     export.run_main(export.main)
 
 

@@ -1,4 +1,4 @@
-"""gradcam.py: pytorch-grad-cam heat maps on a CNN and a ViT, overlays for the worst OOF errors of a tiny
+"""kit/gradcam.py: pytorch-grad-cam heat maps on a CNN and a ViT, overlays for the worst OOF errors of a tiny
 trained run (true/pred names from oof.csv) and for chosen images."""
 import json
 import sys
@@ -12,15 +12,15 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 
 ROOT = Path(__file__).resolve().parents[1]
-import gradcam  # noqa: E402
+from kit import gradcam  # noqa: E402
 from model import create_model  # noqa: E402
-from report import collect_oof  # noqa: E402
+from kit.runs import collect_oof  # noqa: E402
 
 SIZE = [3, 64, 48]
 
 
 def run_gradcam(monkeypatch, *argv):
-    monkeypatch.setattr(sys, "argv", ["gradcam.py", *map(str, argv)])
+    monkeypatch.setattr(sys, "argv", ["kit/gradcam.py", *map(str, argv)])
     gradcam.run_main(gradcam.main)
 
 

@@ -1,4 +1,4 @@
-"""label_issues.py finds flipped labels from out-of-fold probabilities; its CSVs and
+"""kit/label_issues.py finds flipped labels from out-of-fold probabilities; its CSVs and
 lists/mask_relabel.csv feed back through dataset.apply_corrections (train.py --drop_list/--relabel_list)."""
 import json
 import subprocess
@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import run_main  # noqa: E402
-from dataset import MASK_FILES, age_group, build_table, make_label, mask_class_names  # noqa: E402
-from runs import KIT_VERSION  # noqa: E402
-from label_issues import class_thresholds, find_label_issues, main, write_label_issues  # noqa: E402
+from kit.common import run_main  # noqa: E402
+from dataset import MASK_FILES, age_group, build_table, mask_class_names  # noqa: E402
+from kit.labels import make_label  # noqa: E402
+from kit.runs import KIT_VERSION  # noqa: E402
+from kit.label_issues import class_thresholds, find_label_issues, main, write_label_issues  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 
@@ -98,7 +99,7 @@ def noisy_run(tmp_path):
 
 def test_script_writes_the_flipped_images_first(noisy_run):
     run_dir, flipped, true_labels = noisy_run
-    done = subprocess.run([sys.executable, "label_issues.py", "--model_dir", str(run_dir), "--top", "8"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "kit.label_issues", "--model_dir", str(run_dir), "--top", "8"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("8 of 420 images (1.9%) look mislabelled")
@@ -137,7 +138,7 @@ def test_relabel_suggestions_undo_flipped_labels(noisy_run, tmp_path):
 
 
 def test_unknown_ranking_is_one_line_error(noisy_run, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["label_issues.py", "--model_dir", str(noisy_run[0]), "--rank_by", "margins"])
+    monkeypatch.setattr(sys, "argv", ["kit/label_issues.py", "--model_dir", str(noisy_run[0]), "--rank_by", "margins"])
     with pytest.raises(SystemExit) as stop:
         run_main(main)
     error = capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset import split_label  # noqa: E402
+from kit.labels import split_label  # noqa: E402
 from loss import CRITERIA, class_weights, create_criterion  # noqa: E402
 
 C = 18

@@ -7,8 +7,10 @@ import torch
 from PIL import Image
 
 from support import one_line_error  # noqa: E402
-from dataset import build_transform, load_image  # noqa: E402
-from model import create_model, data_config, load_checkpoint, param_groups, to_probs  # noqa: E402
+from dataset import build_transform  # noqa: E402
+from kit.images import load_image  # noqa: E402
+from kit.predict import load_checkpoint  # noqa: E402
+from model import create_model, data_config, param_groups, to_probs  # noqa: E402
 
 DAISY = 985
 

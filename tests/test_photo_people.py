@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dataset import make_label, read_mask_layout
+from dataset import read_mask_layout
+from kit.labels import make_label
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("make_photo_people", ROOT / "sample" / "make_photo_people.py")

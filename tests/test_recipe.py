@@ -13,10 +13,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-import decision  # noqa: E402
+from kit import decision  # noqa: E402
 import inference  # noqa: E402
 import train  # noqa: E402
-from common import UserError  # noqa: E402
+from kit.common import UserError  # noqa: E402
 from model import check_model_name  # noqa: E402
 from dataset import HalfCutMix, build_table, rarest_classes, training_labels  # noqa: E402
 from support import one_line_error  # noqa: E402

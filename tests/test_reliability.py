@@ -24,17 +24,12 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-import app  # noqa: E402
-import common  # noqa: E402
-import crop_faces  # noqa: E402
+from kit import app, common, crop_faces, export, gradcam, label_issues, report  # noqa: E402
 import dataset  # noqa: E402
-import export  # noqa: E402
-import gradcam  # noqa: E402
 import inference  # noqa: E402
-import label_issues  # noqa: E402
-import report  # noqa: E402
+from kit.images import load_image  # noqa: E402
 import train  # noqa: E402
-from common import UserError, run_main  # noqa: E402
+from kit.common import UserError, run_main  # noqa: E402
 from dataset import mask_class_names  # noqa: E402
 from model import create_model  # noqa: E402
 
@@ -564,7 +559,7 @@ BAD_INPUTS.update({
                                      "cannot write"),
     "dataset --folds 0": (dataset, lambda w: ["--data_dir", w.clean, "--folds", 0], "--folds: 0 must be >= 1"),
     "dataset --data_dir missing": (dataset, lambda w: ["--data_dir", w.tmp / "nowhere"], "nowhere is not a folder"),
-    # report.py
+    # kit/report.py
     "report on a corrupt config.json": (report, lambda w: ["--model_dir", run_copy(w, corrupt_config)],
                                         "config.json is not readable JSON"),
     "report --data_dir without the images": (report, lambda w: ["--model_dir", run_copy(w, lambda d: None),
@@ -572,7 +567,7 @@ BAD_INPUTS.update({
                                              "are not under"),
     "report --model_dir that is no run": (report, lambda w: ["--model_dir", w.tmp], "config.json not found"),
     "report --worst -1": (report, lambda w: ["--model_dir", w.run, "--worst", -1], "--worst: -1 must be >= 0"),
-    # export.py
+    # kit/export.py
     "export --format tflite": (export, lambda w: ["--model_dir", w.run, "--format", "tflite", "--out",
                                                   w.tmp / "export"], "unknown --format 'tflite'"),
     "export --fold 5 (no such fold)": (export, lambda w: ["--model_dir", w.run, "--fold", 5, "--out",
@@ -581,7 +576,7 @@ BAD_INPUTS.update({
                                                   a_file(w)], "cannot write"),
     "export on a corrupt config.json": (export, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
                                                            w.tmp / "export"], "config.json is not readable JSON"),
-    # label_issues.py
+    # kit/label_issues.py
     "label_issues --rank_by loss": (label_issues, lambda w: ["--model_dir", w.run, "--rank_by", "loss"],
                                     "unknown --rank_by 'loss'"),
     "label_issues --data_dir without the images": (label_issues, lambda w: [
@@ -589,7 +584,7 @@ BAD_INPUTS.update({
     "label_issues on a run with no finished fold": (label_issues, lambda w: ["--model_dir", run_copy(w, unfinished)],
                                                     "no finished fold"),
     "label_issues --top -1": (label_issues, lambda w: ["--model_dir", w.run, "--top", -1], "--top: -1 must be >= 0"),
-    # gradcam.py
+    # kit/gradcam.py
     "gradcam --device gpu0": (gradcam, lambda w: ["--model_dir", w.run, "--images", *eval_images(w), "--out",
                                                   w.tmp / "cam", "--device", "gpu0"], "--device gpu0 is not a device"),
     "gradcam: one unreadable image among --images": (gradcam, lambda w: [
@@ -602,7 +597,7 @@ BAD_INPUTS.update({
                                         "no fold*/best.pth for folds [3]"),
     "gradcam on a corrupt config.json": (gradcam, lambda w: ["--model_dir", run_copy(w, corrupt_config), "--out",
                                                              w.tmp / "cam"], "config.json is not readable JSON"),
-    # crop_faces.py
+    # kit/crop_faces.py
     "crop_faces --device gpu0": (crop_faces, lambda w: ["--data_dir", w.eval, "--out", w.tmp / "boxes.csv",
                                                         "--device", "gpu0"], "--device gpu0 is not a device"),
     "crop_faces without facenet-pytorch": (crop_faces, lambda w: ["--data_dir", without_facenet(w), "--out",
@@ -615,7 +610,7 @@ BAD_INPUTS.update({
                                                        w.tmp / "boxes.csv"], "--min_prob: 2 must be >= 0 and <= 1"),
     "crop_faces: info.csv with a duplicated id": (crop_faces, lambda w: [
         "--data_dir", w.edit_eval(duplicated_id), "--out", w.tmp / "boxes.csv"], "is listed more than once"),
-    # app.py
+    # kit/app.py
     "app --port 70000": (app, lambda w: ["--model_dir", w.run, "--port", 70000],
                          "--port: 70000 must be >= 1 and <= 65535"),
     "app on a busy port": (app, lambda w: ["--model_dir", w.run, "--port", busy_port(w)], "cannot serve on"),
@@ -730,7 +725,7 @@ def make_awkward(kind, source, dest):
     if written != source:
         source.unlink()
     want = photo.convert("L").convert("RGB") if shown == "grey" else photo
-    got = dataset.load_image(written)
+    got = load_image(written)
     assert got.size == want.size, kind
     return written, float(np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean())
 

@@ -1,4 +1,4 @@
-"""report.py on a finished tiny run of the embedded sample (trained once per test session)."""
+"""kit/report.py on a finished tiny run of the embedded sample (trained once per test session)."""
 import base64
 import json
 import re
@@ -12,10 +12,12 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
-from common import run_main  # noqa: E402
-from dataset import GENDERS, MASK_NAMES, CenterShare, head_value_names, mask_class_names  # noqa: E402
-from report import (REPORT_PNGS, collect_oof, main, per_class_table,  # noqa: E402
-                    save_confusion_png, save_image_grid, worst_predictions, write_report)
+from kit.common import run_main  # noqa: E402
+from dataset import GENDERS, MASK_NAMES, mask_class_names  # noqa: E402
+from kit.images import CenterShare  # noqa: E402
+from kit.labels import head_value_names  # noqa: E402
+from kit.report import (REPORT_PNGS, main, per_class_table, save_confusion_png, save_image_grid, worst_predictions, write_report)  # noqa: E402
+from kit.runs import collect_oof  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +103,7 @@ def test_head_names_come_from_the_class_names():
 
 
 def test_missing_run_folder_is_one_line_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["report.py", "--model_dir", str(tmp_path / "nope")])
+    monkeypatch.setattr(sys, "argv", ["kit/report.py", "--model_dir", str(tmp_path / "nope")])
     with pytest.raises(SystemExit) as stop:
         run_main(main)
     error = capsys.readouterr().err

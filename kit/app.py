@@ -1,13 +1,13 @@
 """A demo page: upload a photo, see what a trained run predicts.
 
-    python app.py --model_dir model/exp                       # then open http://127.0.0.1:7860
-    python app.py --model_dir model/exp --host 0.0.0.0 --port 8080   # reachable from other machines
-    python app.py --model_dir model/exp --review              # keep/relabel/drop the run's label-issue suspects
+    python -m kit.app --model_dir model/exp                       # then open http://127.0.0.1:7860
+    python -m kit.app --model_dir model/exp --host 0.0.0.0 --port 8080   # reachable from other machines
+    python -m kit.app --model_dir model/exp --review              # keep/relabel/drop the run's label-issue suspects
 
-The run's fold ensemble is loaded once at start (inference.load_run); each upload is resized like
+The run's fold ensemble is loaded once at start (kit.predict.load_run); each upload is resized like
 inference.py does and answered with the top classes and their probabilities and, for the mask layout,
 the three attributes: mask, gender and age group, each the 18 class probabilities summed over the other
-two. --review serves review.py's pages instead (no model loaded: they read the run's oof.csv).
+two. --review serves kit.review's pages instead (no model loaded: they read the run's oof.csv).
 Built on Flask (small, long-maintained; the demo page is plain server-rendered HTML, no JavaScript; the
 review page adds a few lines for its keys; nothing is fetched from the internet). Runs trained on face crops (--crop) get the whole photo here.
 """
@@ -16,16 +16,39 @@ import base64
 import io
 import socket
 
+from kit.common import KitParser, UserError, in_range, run_main
+
+
+def parse_args(argv=None):
+    p = KitParser(prog="python -m kit.app", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
+    p.add_argument("--port", type=in_range(int, 1, 65535), default=7860, help="port to serve on")
+    p.add_argument("--top", type=in_range(int, 1), default=5, help="how many classes to list")
+    p.add_argument("--review", action="store_true", help="review the run's label-issue suspects (kit.review) "
+                   "and write review_drop.csv / review_relabel.csv for train.py")
+    p.add_argument("--issues", default=None, help="with --review: a label_issues.csv of this run to review, in its "
+                   "order (default: every suspect of the run's oof.csv)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
 import numpy as np
 import torch
 from flask import Flask, render_template_string, request
 from PIL import UnidentifiedImageError
 
-from common import KitParser, UserError, in_range, run_main
-from dataset import HEAD_NAMES, build_transform, center_share, head_marginals, head_value_names, load_image
-from decision import run_rule
-from inference import load_run
-from model import predict_probs
+from dataset import build_transform
+from kit.decision import run_rule
+from kit.device import pick_device
+from kit.images import center_share, load_image
+from kit.labels import HEAD_NAMES, head_marginals, head_value_names
+from kit.predict import load_run, predict_probs
+from kit.review import create_review_app
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -56,20 +79,6 @@ PAGE = """<!doctype html>
 </body></html>"""
 
 
-def parse_args(argv=None):
-    p = KitParser(prog="app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
-    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
-    p.add_argument("--port", type=in_range(int, 1, 65535), default=7860, help="port to serve on")
-    p.add_argument("--top", type=in_range(int, 1), default=5, help="how many classes to list")
-    p.add_argument("--review", action="store_true", help="review the run's label-issue suspects (review.py) "
-                   "and write review_drop.csv / review_relabel.csv for train.py")
-    p.add_argument("--issues", default=None, help="with --review: a label_issues.csv of this run to review, in its "
-                   "order (default: every suspect of the run's oof.csv)")
-    return p.parse_args(argv)
-
-
 def predict(models, config, transform, image):
     """Averaged class probabilities of the fold models for one PIL image (inference.py's resize)."""
     batch = transform(image)[None]
@@ -96,7 +105,7 @@ def preview(image):
 
 def create_app(models, config, top=5, title="Image classifier demo", rule=None):
     """The Flask app: GET shows the form, POST answers an uploaded photo (with the run's macro-F1 decision rule,
-    decision.py, when one is given: then the answer may be a class other than the most probable one)."""
+    kit.decision, when one is given: then the answer may be a class other than the most probable one)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 25 * 1024 * 1024
     transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
@@ -136,16 +145,14 @@ def check_port(host, port):
                         "or another --host") from None
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     check_port(args.host, args.port)
     if args.review:
-        from review import create_review_app  # imported here: the demo needs none of it
         print(f"reviewing {args.model_dir}'s suspects; open http://{args.host}:{args.port}", flush=True)
         create_review_app(args.model_dir, args.issues).run(host=args.host, port=args.port)
         return
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models, config = load_run(args.model_dir, which=args.checkpoint, device=device)
+    models, config = load_run(args.model_dir, which=args.checkpoint, device=pick_device())
     print(f"loaded {len(models)} fold model(s) from {args.model_dir}; open http://{args.host}:{args.port}",
           flush=True)
     create_app(models, config, args.top, rule=run_rule(args.model_dir, len(config["classes"]))).run(

@@ -1,11 +1,10 @@
-"""The run folder, written by train.py and read by everything after it (see DESIGN.md's contract).
+"""The run folder, written by train.py and read by everything after it (docs/DESIGN.md, "The run folder").
 
     config = read_config("model/exp")        # config.json, checked for the kit version, one-line errors
-    save_checkpoint(path, model, config, {})  # weights + config in one atomic write
     start_run(run_dir, config, table, bad)    # config.json, folds.csv, bad_images.csv of a new run
     save_epoch(...), resume_fold(...)         # a fold's best/last checkpoints; an interrupted fold's state
     finish_fold(run_dir, fold, log)          # log.csv, TensorBoard, fold{i}/oof.csv (marks the fold finished)
-    finish_run(run_dir, config)              # oof.csv, metrics.json, report.html of the finished folds
+    summary = finish_run(run_dir, config)    # oof.csv, metrics.json, decision.json of the finished folds
 
 model_dir/NAME/: config.json, folds.csv, fold{i}/{best,last}.pth, fold{i}/oof.csv (marks the fold finished),
 oof.csv, metrics.json, log.csv, tb/ (TensorBoard), report.html and its PNGs, bad_images.csv.
@@ -21,11 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common import UserError, atomic_write
-from dataset import PSEUDO_FOLD, center_share
+from kit.checkpoints import load_last, save_checkpoint
+from kit.common import UserError, atomic_write
+from kit.decision import fit_run
+from kit.images import center_share
+from kit.metrics import run_metrics
+from kit.tables import PSEUDO_FOLD
 
 KIT_VERSION = 1  # of the run-folder format (config.json, checkpoints): bumped when it changes
-IDENTITY = ("model", "head", "classes")  # what a checkpoint must share with its run's config.json
 
 
 def read_config(run_dir, fix="--model_dir takes a run folder made by train.py"):
@@ -55,7 +57,7 @@ def write_json(path, data):
 
 
 def library_versions():
-    import timm  # imported here: report.py and the other readers of run folders do without it
+    import timm  # imported here: kit.report and the other readers of run folders do without it
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "pandas": pd.__version__, "numpy": np.__version__}
 
@@ -115,29 +117,6 @@ def read_folds(run_dir):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
-def save_checkpoint(path, model, config, extra):
-    """Weights + config (+ resume state) in one atomic write."""
-    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "config": config, **extra}, tmp))
-
-
-def check_same_run(saved, config, path, fix):
-    """A checkpoint's config must name the run's model, head and classes: else it comes from another run."""
-    for key in IDENTITY:
-        if saved.get(key) != config[key]:
-            raise UserError(f"{path} has {key}={saved.get(key)!r} but the run's config.json says {config[key]!r}: "
-                            f"it comes from another run; {fix}")
-
-
-def load_last(path, config):
-    """A fold's last.pth (weights and resume state) checked against the run's config."""
-    from model import load_torch_file  # imported here: report.py reads run folders without the model code
-    state = load_torch_file(path, "checkpoint", "delete it to retrain the fold", weights_only=False)
-    if not isinstance(state, dict) or "optimizer" not in state:
-        raise UserError(f"{path} holds no resume state: delete it to retrain the fold")
-    check_same_run(state.get("config", {}), config, path, "delete it to retrain the fold")
-    return state
-
-
 def save_epoch(fold_dir, t, eval_model, fold_cfg, progress, best):
     """last.pth (weights + resume state) every epoch; best.pth and best_oof.csv when validation improved."""
     epoch, best_f1, stale, log = progress
@@ -208,20 +187,34 @@ def tensorboard_log(run_dir, fold_log):
                 writer.add_scalar(key, row[key], row["epoch"])
 
 
+def collect_oof(run_dir):
+    """fold{i}/oof.csv of every finished fold -> one frame, in fold order."""
+    parts = [pd.read_csv(p, dtype={"profile": str}, keep_default_na=False)
+             for p in sorted(Path(run_dir).glob("fold*/oof.csv"))]
+    if not parts:
+        raise UserError(f"{run_dir} has no finished fold (fold*/oof.csv): train first")
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_run_metrics(run_dir, classes, layout):
+    """oof.csv and metrics.json of a run's finished folds; returns the metrics."""
+    run_dir = Path(run_dir)
+    oof = collect_oof(run_dir)
+    atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
+    metrics = run_metrics(oof, classes, layout)
+    atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
+    return metrics
+
+
 # ---- the end of a run -----------------------------------------------------------------------------
 def finish_run(run_dir, config):
-    """oof.csv, metrics.json (and report.html unless --no-report) of the finished folds; prints the score."""
-    from report import write_report, write_run_metrics  # imported late: matplotlib is slow to import
-    metrics = write_run_metrics(run_dir, config["classes"], config["layout"], confusion=not config.get("report", True))
+    """oof.csv, metrics.json and decision.json of the finished folds; returns the lines that tell the score."""
+    metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
     line = ""
     if config.get("decision", "off") != "off" and len(metrics["folds_done"]) > 1:  # one fold: nothing to cross-fit
-        from decision import fit_run
         rule = fit_run(run_dir, config["decision"])
         line = (f"\ndecision layer ({rule.rule} {rule.params}): cross-fitted OOF macro F1 "
                 f"{rule.cross_fitted_macro_f1:.4f} vs plain {rule.oof_macro_f1:.4f} -> "
                 f"{'applied by inference.py' if rule.applied else 'not applied (no robust gain)'}")
-    if config.get("report", True):
-        write_report(run_dir)
-    print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
-          f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}{line}")
-    return metrics
+    return (f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
+            f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}{line}")

