@@ -43,8 +43,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from torchvision.transforms import v2 as T
 
 from kit.images import find_bad_images, unreadable_error
-from kit.labels import AGE_BOUNDS, make_label
-from kit.tables import read_csv_checked, resolve_image
+from kit.labels import AGE_BOUNDS, make_label, split_label
+from kit.tables import PSEUDO_FOLD, read_csv_checked, resolve_image
 
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
 MASK_NAMES = ("wear", "incorrect", "not_worn")
@@ -61,14 +61,18 @@ def age_group(age, bounds=AGE_BOUNDS):
 
 
 def training_labels(rows, train_age_bounds=None):
-    """The labels a model trains on: the table's, or with train_age_bounds the mask layout's labels with other
-    age-group edges (e.g. 30 58: people of 58-59 look 60, so the rare old class gets more examples), while
-    OOF scores, reports and submissions keep the table's. Rows without an age (pseudo-labels) keep theirs."""
+    """The labels a model trains on: train_label (the given label after --drop_list/--relabel_list; a run folder
+    older than those columns: label), with train_age_bounds on other age-group edges (e.g. 30 58: people of 58-59
+    look 60, so the rare old class gets more examples) unless a correction set the age group itself. OOF scores,
+    reports and submissions keep the given labels. Rows without an age (pseudo-labels) keep theirs."""
+    learned = (rows["train_label"] if "train_label" in rows else rows["label"]).to_numpy().astype(int)
     if not train_age_bounds:
-        return rows["label"].to_numpy()
-    mask, gender, age = (pd.to_numeric(rows[c], errors="coerce").to_numpy(float) for c in ("mask", "gender", "age"))
-    shifted = make_label(mask, gender, age_group(age, train_age_bounds))
-    return np.where(np.isnan(age), rows["label"].to_numpy(), np.nan_to_num(shifted)).astype(int)
+        return learned
+    age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(float)
+    mask, gender, group = split_label(learned)
+    kept = group == split_label(rows["label"].to_numpy().astype(int))[2]  # no correction moved the age group
+    shifted = make_label(mask, gender, np.where(kept, age_group(np.nan_to_num(age), train_age_bounds), group))
+    return np.where(np.isnan(age) | (learned < 0), learned, shifted).astype(int)
 
 
 def mask_class_names(bounds=AGE_BOUNDS):
@@ -281,28 +285,40 @@ def correction_value(row, names, source):
     return int(value)
 
 
+def relabelled(table, classes, relabel_list, age_bounds=AGE_BOUNDS):
+    """The table with field=value set for the rows each relabel_list row names, row by row. A gender or mask fix
+    (mask layout) recomputes the label; a label fix sets it as given."""
+    table, mask_layout = table.copy(), table["age"].notna().any()
+    names = {"gender": list(GENDERS), "mask": list(MASK_NAMES), "label": list(classes)}
+    for row in read_csv_checked(relabel_list, ["field", "value"], fix=CORRECTION_FIX,
+                                missing_fix="check --relabel_list").to_dict("records"):
+        if row["field"] not in names or (row["field"] != "label" and not mask_layout):
+            raise UserError(f"{relabel_list}: field must be {'gender, mask or ' if mask_layout else ''}"
+                            f"label, not '{row['field']}'")
+        picked = select_rows(table, row, relabel_list)
+        table.loc[picked, row["field"]] = correction_value(row, names[row["field"]], relabel_list)
+        if row["field"] != "label":
+            fixed = table[picked]
+            table.loc[picked, "label"] = make_label(fixed["mask"], fixed["gender"], age_group(fixed["age"], age_bounds))
+    return table
+
+
 def apply_corrections(table, classes, drop_list=None, relabel_list=None, age_bounds=AGE_BOUNDS):
-    """Drop rows named in drop_list; set field=value for rows named in relabel_list, row by row.
-    A gender or mask fix (mask layout) recomputes the label; a label fix sets it as given."""
-    table = table.copy()
+    """(table with train_label, notes): the label a model learns after relabel_list's fixes, -1 for the images
+    drop_list leaves out of training. The given labels stay what every image is scored against (OOF, reports):
+    a run with lists is comparable with one without, and its dropped images are still predicted and scored.
+    Without lists the table is returned as it is (train_label is label)."""
+    if not (drop_list or relabel_list):
+        return table, []
+    learned = relabelled(table, classes, relabel_list, age_bounds)["label"] if relabel_list else table["label"]
+    learned = learned.to_numpy().copy()
+    moved = int((learned != table["label"].to_numpy()).sum())
     if drop_list:
         drops = read_csv_checked(drop_list, fix=CORRECTION_FIX, missing_fix="check --drop_list").to_dict("records")
-        keep = ~np.logical_or.reduce([select_rows(table, r, drop_list) for r in drops] or [False])
-        table = table[keep].reset_index(drop=True)
-    if relabel_list:
-        names = {"gender": list(GENDERS), "mask": list(MASK_NAMES), "label": list(classes)}
-        for row in read_csv_checked(relabel_list, ["field", "value"], fix=CORRECTION_FIX,
-                                    missing_fix="check --relabel_list").to_dict("records"):
-            if row["field"] not in names or (row["field"] != "label" and "age" not in table):
-                raise UserError(f"{relabel_list}: field must be {'gender, mask or ' if 'age' in table else ''}"
-                                f"label, not '{row['field']}'")
-            picked = select_rows(table, row, relabel_list)
-            table.loc[picked, row["field"]] = correction_value(row, names[row["field"]], relabel_list)
-            if row["field"] != "label":
-                fixed = table[picked]
-                table.loc[picked, "label"] = make_label(fixed["mask"], fixed["gender"],
-                                                        age_group(fixed["age"], age_bounds))
-    return table
+        learned[np.logical_or.reduce([select_rows(table, r, drop_list) for r in drops] or [False])] = -1
+    notes = [f"corrections: {int((learned < 0).sum())} images left out of training, {moved} relabelled for "
+             "training; all are scored on their given labels"]
+    return table.assign(train_label=learned), notes
 
 
 def build_table(data_dir, layout="auto", folds=5, seed=42, val_ratio=0.2, grouped=True,
@@ -312,12 +328,22 @@ def build_table(data_dir, layout="auto", folds=5, seed=42, val_ratio=0.2, groupe
     table, classes, notes = lookup(LAYOUTS, layout, "layout")(data_dir, age_bounds=age_bounds, **layout_options)
     if table.empty:
         raise UserError(f"{data_dir}: no images found for the {layout} layout")
-    table = apply_corrections(table, classes, drop_list, relabel_list, age_bounds)
     for col in ("mask", "gender", "age"):
         if col not in table:
             table[col] = pd.NA
     table = table[["path", "profile", "mask", "gender", "age", "label"]]
-    return assign_folds(table, folds, seed, val_ratio, grouped), classes, notes, layout
+    table, corrected = apply_corrections(table, classes, drop_list, relabel_list, age_bounds)
+    return assign_folds(table, folds, seed, val_ratio, grouped), classes, notes + corrected, layout
+
+
+def fold_rows(table, fold):
+    """(training rows, validation rows) of a fold. Validation: the fold's images, scored on their given labels.
+    Training: the other folds' images that no correction left out, and the pseudo-labels of this fold's own
+    teacher (never those of a model that saw this fold's people)."""
+    other = (table["fold"] != fold) & (table["train_label"] >= 0 if "train_label" in table else True)
+    if "teacher_fold" in table:
+        other &= (table["fold"] != PSEUDO_FOLD) | (table["teacher_fold"] == fold)
+    return table[other], table[table["fold"] == fold]
 
 
 # ---- augmentation presets: uint8 tensors out; the model normalizes ------------------------------

@@ -48,15 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
-from dataset import build_transform
 from kit.common import atomic_write_all
 from kit.decision import run_rule
 from kit.device import pick_device
-from kit.images import ImageDataset, center_share, find_bad_images, read_boxes, unreadable_error
-from kit.predict import load_run, predict_probs
+from kit.images import center_share, find_bad_images, read_boxes, unreadable_error
+from kit.predict import load_run, predict_files
+from kit.runs import finished_folds
 from kit.tables import read_csv_checked, read_test_table
 
 
@@ -71,39 +69,32 @@ def load_ensemble(run_dirs, folds, which, device):
 
 def decoding_groups(runs):
     """[(config, models)] with the models of runs that read images alike (size, interpolation, head, memory
-    format, centre crop) put together, so each group decodes the test images once for all its models."""
+    format, centre crop, face boxes) put together, so each group decodes the test images once for all its models."""
     groups = {}
     for config, models in runs:
         key = (tuple(config["input_size"]), config["interpolation"], config["head"], config["channels_last"],
-               center_share(config.get("center_crop")))
+               center_share(config.get("center_crop")), bool(config.get("crop")), config.get("crop_margin"))
         groups.setdefault(key, (config, []))[1].extend(models)
     return list(groups.values())
 
 
-def predict_run(config, models, files, boxes, args, device):
-    """Averaged probabilities of models that read images alike over the test files (each image decoded once);
-    a batch too large for the GPU is halved and the pass started again."""
-    size, batch_size = config["input_size"], args.batch_size
-    transform = build_transform("base", size, config["interpolation"], train=False)
-    center = center_share(config.get("center_crop"))
-    if boxes is not None and center is not None:
-        raise UserError(f"{config.get('run_dir', 'a run')} was trained with --center_crop, not on face boxes: "
-                        "leave out --crop")
-    boxes = boxes if center is None else [center] * len(files)
-    dataset = ImageDataset(files, None, transform, boxes, draft_size=(size[2], size[1]))
-    while True:
-        loader = DataLoader(dataset, batch_size, num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
-        try:
-            probs, rows = predict_probs(models, loader, config["head"], device, args.amp, config["channels_last"],
-                                        args.tta)
-            return probs[np.argsort(rows)]
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise UserError(f"out of GPU memory with one image per batch for {config['model']}: "
-                                "predict fewer --folds at a time or on a larger GPU") from None
-            batch_size //= 2
-            torch.cuda.empty_cache()
-            print(f"out of GPU memory: --batch_size {batch_size}")
+def check_crops(runs, crop, files):
+    """A run trained on face boxes is predicted on the test images' boxes (a --crop file with a box for each of
+    files); --crop is for such runs only."""
+    if crop:
+        read_boxes(crop, files)
+    cropped = [config for config, _ in runs if config.get("crop")]
+    if cropped and not crop:
+        raise UserError(f"{cropped[0]['run_dir']} was trained on face crops ({cropped[0]['crop']}): pass --crop with "
+                        "the test images' boxes (python -m kit.crop_faces --data_dir TEST --out boxes.csv)")
+    if crop and not cropped:
+        trained_on = "--center_crop" if center_share(runs[0][0].get("center_crop")) else "whole pictures"
+        raise UserError(f"{runs[0][0]['run_dir']} was trained with {trained_on}, not on face boxes: leave out --crop")
+
+
+def run_boxes(config, crop, files):
+    """The face boxes of the test files for a run trained on them (config.json's crop), else None."""
+    return read_boxes(crop, files, config.get("crop_margin", 0.2)) if config.get("crop") else None
 
 
 def check_submission(frame, expected, probs, classes, layout, source):
@@ -166,8 +157,9 @@ def decision_rule(args, n_classes):
 
 
 def manifest(args, n_models, rule):
-    """What made a submission: run folders, folds, checkpoint, TTA, crop boxes, test folder, decision rule."""
-    return {"run_dirs": [str(Path(d).resolve()) for d in args.model_dir], "folds": args.folds or "all",
+    """What made a submission: run folders, the folds used, checkpoint, TTA, crop boxes, test folder, decision rule."""
+    return {"run_dirs": [str(Path(d).resolve()) for d in args.model_dir],
+            "folds": {str(Path(d).resolve()): finished_folds(d, args.folds) for d in args.model_dir},
             "models": n_models, "checkpoint": args.checkpoint, "tta": args.tta, "crop": args.crop,
             "data_dir": str(args.data_dir), "decision": None if rule is None else {
                 "file": str(Path(args.model_dir[0]).resolve() / "decision.json"), "rule": rule.rule,
@@ -183,9 +175,10 @@ def main(argv=None):
     if bad:  # never skipped: a submission must have every row
         raise unreadable_error(bad, "replace them; nothing written", what="test images")
     relative = [os.path.relpath(f, submission_path.parent) for f in files]
-    boxes = read_boxes(args.crop, relative, runs[0][0].get("crop_margin", 0.2)) if args.crop else None
+    check_crops(runs, args.crop, relative)
     n_models = sum(len(models) for _, models in runs)
-    probs = sum(predict_run(config, models, files, boxes, args, device) * len(models)
+    probs = sum(predict_files(models, config, files, device, run_boxes(config, args.crop, relative), args.tta,
+                              args.amp, args.batch_size, args.num_workers) * len(models)
                 for config, models in decoding_groups(runs)) / n_models
     rule = decision_rule(args, probs.shape[1])
     frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path,

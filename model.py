@@ -147,8 +147,9 @@ def early_parameters(model, blocks):
 
 
 def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False, freeze_blocks=0):
-    """Optimizer groups: the head at lr, the backbone at lr * backbone_lr_scale; frozen (no gradient): the whole
-    backbone, or with freeze_blocks=N > 0 its stem and first N block groups."""
+    """Optimizer groups: the head at lr, the backbone at lr * backbone_lr_scale at every step (timm's schedulers
+    multiply a group's scheduled lr by its lr_scale, so warm-up and decay keep the ratio); frozen (no gradient):
+    the whole backbone, or with freeze_blocks=N > 0 its stem and first N block groups."""
     head_ids = {id(p) for p in head_parameters(model)}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
     frozen = backbone if freeze_backbone else early_parameters(model, freeze_blocks) if freeze_blocks else []
@@ -158,7 +159,8 @@ def param_groups(model, lr, backbone_lr_scale=1.0, freeze_backbone=False, freeze
     groups = [{"params": head_parameters(model), "lr": lr}]
     trained = [p for p in backbone if id(p) not in frozen]
     if trained:
-        groups.append({"params": trained, "lr": lr * backbone_lr_scale})
+        groups.append({"params": trained, "lr": lr * backbone_lr_scale, "initial_lr": lr,
+                       "lr_scale": backbone_lr_scale})
     return groups
 
 

@@ -122,15 +122,15 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DistributedSampler, RandomSampler, WeightedRandomSampler
 from tqdm import tqdm
 
-from dataset import (MASK_CENTER_CROP, HalfCutMix, build_transform, rarest_classes, summarize, table_from_args,
-                     training_labels)
+from dataset import (MASK_CENTER_CROP, HalfCutMix, build_transform, fold_rows, rarest_classes, summarize,
+                     table_from_args, training_labels)
 from kit import report, runs, speed
 from kit.common import lookup
 from kit.device import amp_dtype, autocast, out_of_memory, to_device
 from kit.distributed import finish_distributed, from_rank0, gather_predictions, launch_fold_per_device, setup_distributed
 from kit.images import ImageDataset, image_boxes, without_unreadable
 from kit.predict import predict_probs
-from kit.tables import with_pseudo_labels
+from kit.pseudo import with_pseudo_labels
 from loss import check_finite, create_criterion
 from model import (check_input_size, create_model, data_config, early_parameters, keep_frozen_statistics,
                    param_groups, to_probs)
@@ -150,6 +150,9 @@ def check_args(cfg, table):
         raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
     if cfg.crop and cfg.pseudo_labels:
         raise UserError("--pseudo_labels with --crop is not supported: the boxes file has no test images")
+    if cfg.cache in ("memory", "disk") and not speed.resizes_first(transform_of(cfg)):
+        raise UserError(f"--cache {cfg.cache} keeps pictures resized to the input size, but --augmentation "
+                        f"{cfg.augmentation} crops the whole picture first: use --cache auto (off here) or none")
     image_boxes(table["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)  # a bad boxes file fails now, not in fold 0
     make_criterion(cfg, len(cfg.classes), table["label"])  # a bad --criterion fails before any image is read
 
@@ -175,7 +178,7 @@ def run_settings(args, run_dir):
     early_parameters(model, args.freeze_blocks)  # more blocks than the backbone has fail now
     cfg = argparse.Namespace(**runs.make_config(vars(args), classes, layout, model_config, run_dir))
     check_args(cfg, table)
-    if cfg.pseudo_labels:
+    if cfg.pseudo_labels:  # each fold's pseudo-labels from the teacher's model of that fold (kit/pseudo.py)
         table, notes = with_pseudo_labels(table, notes, classes, cfg.pseudo_labels, cfg.pseudo_dir,
                                           cfg.pseudo_threshold)
     return cfg, table, notes
@@ -318,7 +321,7 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
 def train_fold(fold, table, cfg, device, rank=0, world=1):
     """Train one fold: saves best/last checkpoints and fold{i}/best_oof.csv; returns the fold's log rows."""
     fold_dir = Path(cfg.run_dir) / f"fold{fold}"
-    train_rows, val_rows = table[(table["fold"] != fold)], table[table["fold"] == fold]
+    train_rows, val_rows = fold_rows(table, fold)  # corrections and pseudo-labels change training rows only
     if val_rows.empty or train_rows.empty:
         raise UserError(f"fold {fold} has no {'validation' if val_rows.empty else 'training'} images: "
                         "lower --folds or add data")
@@ -331,7 +334,7 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
             t, (train_rows, val_rows), (train_loader, val_loader), cfg, device, lambda rows: make_loader(rows, cfg, False))
     start, best_f1, stale, log = runs.resume_fold(fold_dir / "last.pth", t, vars(cfg), rank)
     for epoch in range(start, cfg.epochs):
-        epoch_seed = cfg.seed * 1000 + fold * 100 + epoch + 7919 * rank  # torchrun ranks augment differently
+        epoch_seed = speed.mixed_seed(cfg.seed, fold, epoch, rank)  # torchrun ranks augment differently
         seed_everything(epoch_seed)  # each epoch a function of (seed, fold, epoch)
         epoch_sampler.set_epoch(epoch_seed, epoch)
         loss, train_f1, rate = train_one_epoch(t, train_loader, cfg, device, epoch, rank == 0)
@@ -350,7 +353,7 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in log[-1].items())
                   + (" *" if improved else ""))
             runs.save_epoch(fold_dir, t, eval_model, {**vars(cfg), "fold": fold}, (epoch, best_f1, stale, log),
-                       (val_rows, probs) if improved else None)
+                            (val_rows, probs))
         if cfg.patience and stale >= cfg.patience:
             break
     return log
@@ -363,7 +366,8 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
     keep_frozen_statistics(t.model)  # --freeze_backbone is then a true linear probe
     dtype, steps = amp_dtype(device, cfg.amp), len(loader)
     total_loss, seen, preds, labels, recent = torch.zeros((), device=device), 0, [], [], []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not show, mininterval=1.0,
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0,
+               disable=not show or not sys.stderr.isatty(),  # a file or a pipe gets one line per epoch
                dynamic_ncols=True)
     start = time.perf_counter()
     for step, (images, targets, index) in enumerate(bar):
@@ -374,7 +378,8 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
         with autocast(device, dtype):
             logits = t.net(images)
             loss = t.criterion(logits.float(), targets)
-        t.scaler.scale(loss / cfg.accum_steps).backward()
+        group = min(cfg.accum_steps, steps - step // cfg.accum_steps * cfg.accum_steps)  # the last may be short
+        t.scaler.scale(loss / group).backward()  # a step's gradient: the mean over its group's batches
         if (step + 1) % cfg.accum_steps == 0 or step + 1 == steps:  # one optimizer update per accum_steps batches
             update = epoch * t.updates_per_epoch + step // cfg.accum_steps + 1
             t.scaler.step(t.optimizer)

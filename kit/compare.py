@@ -75,12 +75,12 @@ def read_json(path):
 
 
 def decision_scores(run_dir):
-    """(cross-fitted macro F1, applied) from decision.json, or blanks without one."""
+    """(cross-fitted macro F1, applied, why) from decision.json, or blanks without one."""
     path = Path(run_dir) / "decision.json"
     if not path.is_file():
-        return None, None
-    decision = read_json(path)
-    return decision.get("cross_fitted_macro_f1"), decision.get("applied")  # kit.decision's DecisionRule fields
+        return None, None, ""
+    decision = read_json(path)  # kit.decision's DecisionRule fields
+    return decision.get("cross_fitted_macro_f1"), decision.get("applied"), decision.get("reason", "")
 
 
 def learning_curve(run_dir):
@@ -98,10 +98,12 @@ def run_row(run_dir):
     metrics = read_json(Path(run_dir) / "metrics.json")
     started, ended = (Path(run_dir) / "config.json").stat().st_mtime, (Path(run_dir) / "metrics.json").stat().st_mtime
     fold_f1 = [fold["macro_f1"] for fold in metrics.get("folds", {}).values()]
-    decision_f1, applied = decision_scores(run_dir)
+    decision_f1, applied, reason = decision_scores(run_dir)
     img_s, curve = learning_curve(run_dir)
-    row = {"run": Path(run_dir).name, "oof_macro_f1": metrics["oof_macro_f1"], "decision_f1": decision_f1,
-           "applied": "" if applied is None else applied, "accuracy": metrics.get("oof_accuracy")}
+    row = {"run": Path(run_dir).name, "oof_macro_f1": metrics["oof_macro_f1"],
+           "oof_macro_f1_last_epoch": metrics.get("oof_macro_f1_last_epoch"), "decision_f1": decision_f1,
+           "applied": "" if applied is None else applied, "decision_reason": reason,
+           "accuracy": metrics.get("oof_accuracy")}
     row.update({f"f1_{head}": scores["macro_f1"] for head, scores in metrics.get("heads", {}).items()})
     row.update({"fold_min": min(fold_f1, default=None), "fold_max": max(fold_f1, default=None),
                 "folds_done": len(fold_f1), "minutes": round((ended - started) / 60, 1),

@@ -14,6 +14,7 @@ where the face sits in a portrait photo. train.py/inference.py widen every box b
 """
 import argparse
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def find_boxes(files, paths, args, device):
     dataset = ImageDataset(files, transform=partial(detection_input, max_side=args.max_side))
     loader = DataLoader(dataset, args.batch_size, num_workers=args.num_workers, collate_fn=list)
     mtcnn, rows = load_detector(device), []
-    for batch in tqdm(loader, desc="faces", unit="batch", mininterval=2.0):
+    for batch in tqdm(loader, desc="faces", unit="batch", mininterval=2.0, disable=not sys.stderr.isatty()):
         items = [item[0] for item in batch]
         for (_, _, index), detection, (_, _, full_size) in zip(batch, detect_batch(mtcnn, items), items):
             rows.append(box_row(paths[index], detection, full_size, args.min_prob))

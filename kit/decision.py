@@ -6,11 +6,11 @@ says pays. Dividing by the training class frequencies to the power tau does that
 (18 classes = 3 mask x 2 gender x 3 age): a bonus for the rare age group (>=60). Free per-class weights
 were tried and overfit (they did not transfer from single models' OOF probabilities to fold ensembles).
 
-Honesty: `fit` scores the rule by cross-fitting (for each fold k: fit on the other folds' OOF rows, predict
-fold k's rows; pool the predictions) and sets `applied` only when that cross-fitted macro F1 beats plain
-argmax. Inference averages fold models, whose probabilities are smoother than one model's OOF ones;
-`temperature_check` re-scores the cross-fitted rule on tempered OOF probabilities (p**(1/T), T 0.5..2)
-and `robust` says whether the gain survives all of them.
+Honesty: `fit` scores the rule by cross-fitting (for each fold k: fit tau and the prior on the other folds'
+OOF rows, predict fold k's rows; pool the predictions). Inference averages fold models, whose probabilities
+are smoother than one model's OOF ones; `temperature_check` re-scores the cross-fitted rule on tempered OOF
+probabilities (p**(1/T), T 0.5..2). `applied` is set only when the cross-fitted macro F1 beats plain argmax
+and that gain survives every temperature; `reason` says which check decided, and by how much.
 
     python -m kit.decision --oof model/exp/oof.csv --out model/exp/decision.json    # fit, print, save
     # in Python:
@@ -89,12 +89,14 @@ def best_params(probs, labels, prior, grid):
     return best
 
 
-def cross_fitted_preds(probs, labels, folds, prior, grid, temperature=1.0):
-    """Each fold's rows predicted by parameters fitted on the other folds; the predicted rows' probabilities
-    are tempered (p**(1/T)) to mimic sharper or smoother probabilities than those fitted on."""
+def cross_fitted_preds(probs, labels, folds, grid, temperature=1.0):
+    """Each fold's rows predicted by parameters and a prior fitted on the other folds alone (the held-out fold's
+    labels decide nothing about its own predictions); the predicted rows' probabilities are tempered (p**(1/T))
+    to mimic sharper or smoother probabilities than those fitted on."""
     preds, fold_params = np.empty(len(labels), int), {}
     for fold in np.unique(folds):
         held = folds == fold
+        prior = class_prior(labels[~held], probs.shape[1])
         params = best_params(probs[~held], labels[~held], prior, grid) if (~held).any() else grid[0]
         preds[held] = decide(np.clip(probs[held], 1e-12, None) ** (1 / temperature), prior, params)
         fold_params[int(fold)] = params
@@ -112,6 +114,7 @@ class DecisionRule:
     cross_fitted_macro_f1: float = 0.0
     applied: bool = False
     robust: bool = False
+    reason: str = ""
     per_class_f1_before: list = field(default_factory=list)
     per_class_f1_after: list = field(default_factory=list)
     fold_params: dict = field(default_factory=dict)
@@ -159,12 +162,12 @@ def check_inputs(probs, labels, folds, prior):
     return probs, labels, folds, np.asarray(prior, dtype=float)
 
 
-def temperature_check(probs, labels, folds, prior, grid, plain):
+def temperature_check(probs, labels, folds, grid, plain):
     """Cross-fitted gain over plain argmax when the predicted probabilities are sharper (T<1) or smoother
     (T>1) than the ones fitted on, as a fold ensemble's averaged probabilities are."""
     gains = {}
     for temperature in TEMPERATURES:
-        preds, _ = cross_fitted_preds(probs, labels, folds, prior, grid, temperature)
+        preds, _ = cross_fitted_preds(probs, labels, folds, grid, temperature)
         gains[str(temperature)] = round(macro_f1(labels, preds, probs.shape[1]) - plain, 6)
     return gains
 
@@ -177,26 +180,37 @@ def fit(oof_probs, labels, folds, prior, rule="prior"):
         raise UserError(f"--rule prior_age needs the mask layout's 18 classes, not {n_classes}: use --rule prior")
     plain_preds = probs.argmax(1)
     plain = macro_f1(labels, plain_preds, n_classes)
-    crossed_preds, fold_params = cross_fitted_preds(probs, labels, folds, prior, grid)
+    crossed_preds, fold_params = cross_fitted_preds(probs, labels, folds, grid)
     crossed = macro_f1(labels, crossed_preds, n_classes)
-    gains = temperature_check(probs, labels, folds, prior, grid, plain)
+    gains = temperature_check(probs, labels, folds, grid, plain)
+    gained = bool(crossed > plain + 1e-9)  # not for a float-rounding "gain"
+    robust = gained and min(gains.values()) > 0
     return DecisionRule(rule=rule, params=best_params(probs, labels, prior, grid), prior=prior.tolist(),
                         n_classes=n_classes, oof_macro_f1=plain, cross_fitted_macro_f1=crossed,
-                        applied=bool(crossed > plain + 1e-9),  # not for a float-rounding "gain"
-                        robust=bool(crossed > plain + 1e-9 and min(gains.values()) > 0),
+                        applied=robust, robust=robust, reason=verdict(crossed - plain, gains, gained),
                         per_class_f1_before=per_class_f1(labels, plain_preds, n_classes).round(6).tolist(),
                         per_class_f1_after=per_class_f1(labels, crossed_preds, n_classes).round(6).tolist(),
                         fold_params=fold_params, temperature_check=gains)
+
+
+def verdict(gain, gains, gained):
+    """Why the rule is applied or not, with the numbers: the check that decided and by how much."""
+    worst = min(gains, key=gains.get)
+    if not gained:
+        return f"not applied: no cross-fitted gain ({gain:+.4f} macro F1 on held-out folds)"
+    if gains[worst] <= 0:
+        return (f"not applied: cross-fitted gain {gain:+.4f}, but {gains[worst]:+.4f} with the probabilities at "
+                f"temperature {worst} (a fold ensemble's are smoother or sharper than the OOF ones it was fitted on)")
+    return f"applied: cross-fitted gain {gain:+.4f}, at least {gains[worst]:+.4f} at every temperature"
 
 
 # ---- the run folder ---------------------------------------------------------------------------
 def fit_run(run_dir, rule="prior"):
     """Fit the rule on a finished run's oof.csv and write decision.json. It is applied (by inference.py, the demo
     page and export's metadata) only when the cross-fitted gain is positive AND survives sharper and smoother
-    probabilities, as a fold ensemble's averaged ones are (temperature_check)."""
+    probabilities, as a fold ensemble's averaged ones are (temperature_check); reason says which."""
     probs, labels, folds = read_oof(Path(run_dir) / "oof.csv")
     fitted = fit(probs, labels, folds, class_prior(labels, probs.shape[1]), rule)
-    fitted.applied = fitted.applied and fitted.robust
     fitted.to_json(Path(run_dir) / "decision.json")
     return fitted
 
@@ -245,8 +259,8 @@ def summary(rule):
     rarest = np.argsort(rule.prior)[:3]
     lines = [f"rule {rule.rule} {rule.params} (per fold: {list(rule.fold_params.values())})",
              f"plain argmax OOF macro F1 {rule.oof_macro_f1:.4f}, cross-fitted {rule.cross_fitted_macro_f1:.4f} "
-             f"(gain {rule.cross_fitted_macro_f1 - rule.oof_macro_f1:+.5f}) -> applied={rule.applied}",
-             f"tempered-probability gains {rule.temperature_check} -> robust={rule.robust}",
+             f"(gain {rule.cross_fitted_macro_f1 - rule.oof_macro_f1:+.5f})",
+             f"tempered-probability gains {rule.temperature_check} -> {rule.reason}",
              "rarest classes " + ", ".join(f"{c}: F1 {before[c]:.3f} -> {after[c]:.3f}" for c in rarest)]
     return "\n".join(lines)
 

@@ -16,8 +16,9 @@ def scores(labels, preds, classes):
             "per_class_f1": {name: float(v) for name, v in zip(classes, per_class)}}
 
 
-def run_metrics(oof, classes, layout):
-    """Overall, per-fold and (mask layout) per-head scores of the OOF predictions."""
+def run_metrics(oof, classes, layout, last_epoch_oof=None):
+    """Overall, per-fold and (mask layout) per-head scores of the OOF predictions (each fold's best epoch, chosen
+    on that fold: leaning optimistic), next to the last epochs' (no choice made on the fold) when given."""
     labels, preds = oof["label"].to_numpy(), oof["pred"].to_numpy()
     overall = scores(labels, preds, classes)
     metrics = {"oof_macro_f1": overall["macro_f1"], "oof_accuracy": overall["accuracy"], "oof_images": len(oof),
@@ -25,6 +26,10 @@ def run_metrics(oof, classes, layout):
                "per_class_f1": overall["per_class_f1"],
                "folds": {int(f): {k: v for k, v in scores(g["label"], g["pred"], classes).items()
                                   if k != "per_class_f1"} for f, g in oof.groupby("fold")}}
+    if last_epoch_oof is not None:
+        metrics["oof_macro_f1_last_epoch"] = scores(last_epoch_oof["label"], last_epoch_oof["pred"], classes)["macro_f1"]
+        for fold, part in last_epoch_oof.groupby("fold"):
+            metrics["folds"][int(fold)]["last_epoch_macro_f1"] = scores(part["label"], part["pred"], classes)["macro_f1"]
     if layout == "mask":
         metrics["heads"] = {name: scores(t, p, [str(i) for i in range(size)])
                             for name, size, t, p in zip(HEAD_NAMES, HEAD_SIZES, split_label(labels),

@@ -29,10 +29,11 @@ def add_data_args(parser):
     parser.add_argument("--val_ratio", type=in_range(float, 0, 1, True, True), default=0.2, help="holdout share when --folds 1")
     parser.add_argument("--split", default="group", choices=["group", "random"],
                         help="group keeps each person in one fold; random leaks (for comparison only)")
-    parser.add_argument("--pseudo_labels", default=None, help="probs.csv from inference.py: test images predicted "
-                        "with at least --pseudo_threshold join every fold's training set (never validation)")
+    parser.add_argument("--pseudo_labels", default=None, help="a teacher run folder with this run's folds: the test "
+                        "images its fold-k model labels with at least --pseudo_threshold join fold k's training set "
+                        "(never validation; never a model that saw fold k's people)")
     parser.add_argument("--pseudo_dir", default=os.environ.get("SM_CHANNEL_EVAL", "sample/eval"),
-                        help="the test folder (info.csv) that --pseudo_labels was predicted for")
+                        help="the test folder (info.csv) whose images --pseudo_labels labels")
     parser.add_argument("--pseudo_threshold", type=in_range(float, 0, 1, low_open=True), default=0.9,
                         help="least predicted probability of a pseudo-label")
     parser.add_argument("--drop_list", default=None, help="CSV of images to leave out (path or profile)")

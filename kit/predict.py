@@ -1,19 +1,25 @@
-"""A run's fold models, loaded and checked, and their averaged probabilities over a loader.
+"""A run's fold models, loaded and checked, and their averaged probabilities over a loader or a list of files.
 
     models, config = load_run("model/exp")                    # every finished fold's best.pth
+    probs = predict_files(models, config, files, device, tta=True)       # in file order
     probs, rows = predict_probs(models, loader, config["head"], device, tta=True)
 
-Used by inference.py, the validation of train.py and the tools (demo page, export, Grad-CAM). The models are
-rebuilt by model.py's create_model and read out by its to_probs: a run is predicted with the recipe that made it.
+Used by inference.py, the validation of train.py, pseudo-labels and the tools (demo page, export, Grad-CAM). The
+models are rebuilt by model.py's create_model and read out by its to_probs, the pictures resized by dataset.py's
+evaluation transform and cut as the run's config.json says: a run is predicted the way it was trained.
 """
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+from dataset import build_transform
 from kit.checkpoints import check_same_run, load_torch_file
-from kit.common import UserError
+from kit.common import UserError, one_line
 from kit.device import amp_dtype, autocast, to_device
-from kit.runs import read_config
+from kit.images import ImageDataset, center_share
+from kit.runs import finished_folds, read_config
 from model import create_model, to_probs
 
 
@@ -28,25 +34,57 @@ def load_checkpoint(path, device="cpu", check=None):
         check(config)
     model = create_model(config["model"], len(config["classes"]), config["head"], pretrained=False)
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(evaluated_weights(checkpoint))
     except RuntimeError as err:
-        raise UserError(f"{path} does not match its own config ({' '.join(str(err).split())[:160]})") from None
+        raise UserError(f"{path} does not match its own config ({one_line(err, 160)})") from None
     return model.to(device).eval(), config
 
 
+def evaluated_weights(checkpoint):
+    """The weights a checkpoint was validated with: an --ema run's last.pth keeps the raw weights for --resume
+    and the EMA's beside them, which are what its epochs were scored (and its best.pth saved) with."""
+    ema = checkpoint.get("ema")
+    if not ema:
+        return checkpoint["model"]
+    return {name[len("module."):]: value for name, value in ema.items() if name.startswith("module.")}
+
+
 def load_run(run_dir, folds=None, which="best", device="cpu"):
-    """The fold models of a run folder and its config; each checkpoint must match the config."""
+    """The models of a run folder's finished folds (of folds, if given) and its config; each checkpoint must
+    match the config. An interrupted fold's checkpoints are not a fold model: its OOF never scored them."""
     config = read_config(run_dir)
-    paths = sorted(Path(run_dir).glob(f"fold*/{which}.pth"), key=lambda p: int(p.parent.name[4:]))
-    paths = [p for p in paths if folds is None or int(p.parent.name[4:]) in folds]
-    if not paths:
-        raise UserError(f"{run_dir} has no fold*/{which}.pth" + (f" for folds {folds}" if folds else "")
-                        + ": train first or check --folds")
+    absent = [f for f in folds or [] if not (Path(run_dir) / f"fold{f}").is_dir()]
+    if absent:
+        raise UserError(f"{run_dir} has no fold*/{which}.pth for folds {absent}: train first or check --folds")
     models = []
-    for path in paths:
+    for fold in finished_folds(run_dir, folds):
+        path = Path(run_dir) / f"fold{fold}" / f"{which}.pth"
         models.append(load_checkpoint(path, device, lambda saved: check_same_run(
             saved, config, path, "copy the right checkpoint or train again"))[0])
     return models, config
+
+
+def predict_files(models, config, files, device, boxes=None, tta=False, amp="auto", batch_size=256, num_workers=0):
+    """Averaged probabilities of models that read images alike (config.json's input size, interpolation, head,
+    centre crop) over files, in their order, each image decoded once; boxes: the face boxes of a run trained on
+    them. A batch too large for the GPU is halved and the pass started again."""
+    size = config["input_size"]
+    transform = build_transform("base", size, config["interpolation"], train=False)
+    center = center_share(config.get("center_crop"))
+    dataset = ImageDataset(files, None, transform, boxes if center is None else [center] * len(files),
+                           draft_size=(size[2], size[1]))
+    while True:
+        loader = DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+        try:
+            probs, rows = predict_probs(models, loader, config["head"], device, amp, config["channels_last"], tta)
+            return probs[np.argsort(rows)]
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise UserError(f"out of GPU memory with one image per batch for {config['model']}: "
+                                "predict fewer --folds at a time or on a larger GPU") from None
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            print(f"out of GPU memory: --batch_size {batch_size}")
 
 
 @torch.no_grad()

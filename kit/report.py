@@ -195,14 +195,18 @@ def table_html(frame, float_format="%.4f"):
 
 def metrics_html(metrics, config, class_table):
     """The key numbers: overall, per fold, per head (mask layout) and per class."""
-    overall = pd.DataFrame([{"OOF macro F1": metrics["oof_macro_f1"], "OOF accuracy": metrics["oof_accuracy"],
+    overall = pd.DataFrame([{"OOF macro F1 (best epochs)": metrics["oof_macro_f1"],
+                             "OOF macro F1 (last epochs)": metrics.get("oof_macro_f1_last_epoch"),
+                             "OOF accuracy": metrics["oof_accuracy"],
                              "images": metrics["oof_images"], "folds done": len(metrics["folds_done"]),
                              "model": config.get("model"), "head": config.get("head"),
                              "input size": "x".join(map(str, config.get("input_size", [])[-2:])),
                              "epochs": config.get("epochs")}])
-    folds = pd.DataFrame([{"fold": f, "macro F1": s["macro_f1"], "accuracy": s["accuracy"]}
+    folds = pd.DataFrame([{"fold": f, "macro F1 (best epoch)": s["macro_f1"],
+                           "macro F1 (last epoch)": s.get("last_epoch_macro_f1"), "accuracy": s["accuracy"]}
                           for f, s in metrics["folds"].items()])
-    parts = ["<h2>Key metrics</h2>", table_html(overall), "<h3>Per fold</h3>", table_html(folds)]
+    parts = ["<h2>Key metrics</h2>", "<p>Each fold's best epoch is chosen on that fold, so its OOF leans "
+             "optimistic; the last epochs' OOF had no choice made on it: compare runs by it.</p>", table_html(overall), "<h3>Per fold</h3>", table_html(folds)]
     if "heads" in metrics:
         heads = pd.DataFrame([{"head": h, "macro F1": s["macro_f1"], "accuracy": s["accuracy"]}
                               for h, s in metrics["heads"].items()])
@@ -218,10 +222,9 @@ def decision_html(run_dir, classes):
     rule = from_json(path, len(classes))
     table = pd.DataFrame({"class": classes, "F1 argmax": rule.per_class_f1_before,
                           "F1 with the rule (cross-fitted)": rule.per_class_f1_after, "prior": rule.prior})
-    verdict = "applied by inference.py" if rule.applied else "not applied: no gain that survives ensemble-like probabilities"
     return (f"<h3>Decision layer: {html.escape(rule.rule)} {html.escape(str(rule.params))}</h3><p>OOF macro F1 "
             f"{rule.oof_macro_f1:.4f} with argmax, {rule.cross_fitted_macro_f1:.4f} with the rule fitted on the other "
-            f"folds; {verdict}.</p>" + table_html(table))
+            f"folds; {html.escape(rule.reason)} (by inference.py when applied).</p>" + table_html(table))
 
 
 def image_html(path, caption):

@@ -87,9 +87,9 @@ def start_run(run_dir, config, table, bad):
     atomic_write(Path(run_dir) / "folds.csv", lambda tmp: table.to_csv(tmp, index=False))
     pseudo = table[table["fold"] == PSEUDO_FOLD]
     if len(pseudo):
-        atomic_write(Path(run_dir) / "pseudo_labels.csv",
-                     lambda tmp: pseudo[["path", "label"]].assign(name=[config["classes"][i] for i in pseudo["label"]]
-                                                                  ).to_csv(tmp, index=False))
+        pseudo = pseudo[["path", "label"]].assign(name=[config["classes"][i] for i in pseudo["label"]],
+                                                  teacher_fold=pseudo["teacher_fold"], confidence=pseudo["confidence"])
+        atomic_write(Path(run_dir) / "pseudo_labels.csv", lambda tmp: pseudo.to_csv(tmp, index=False))
     if bad:
         atomic_write(Path(run_dir) / "bad_images.csv",
                      lambda tmp: pd.DataFrame(bad, columns=["path", "reason"]).to_csv(tmp, index=False))
@@ -117,13 +117,15 @@ def read_folds(run_dir):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
-def save_epoch(fold_dir, t, eval_model, fold_cfg, progress, best):
-    """last.pth (weights + resume state) every epoch; best.pth and best_oof.csv when validation improved."""
+def save_epoch(fold_dir, t, eval_model, fold_cfg, progress, scored):
+    """last.pth (weights + resume state) and last_epoch_oof.csv every epoch; best.pth and best_oof.csv when
+    validation improved (stale 0). scored: (validation rows, their probabilities) of this epoch."""
     epoch, best_f1, stale, log = progress
-    if best is not None:
+    if stale == 0:
         save_checkpoint(fold_dir / "best.pth", eval_model, {**fold_cfg, "epoch": epoch + 1, "val_f1": log[-1]["val_f1"]},
                         {})
-        write_oof(fold_dir / "best_oof.csv", *best)
+        write_oof(fold_dir / "best_oof.csv", *scored)
+    write_oof(fold_dir / "last_epoch_oof.csv", *scored)  # the OOF no epoch was chosen on: no selection optimism
     save_checkpoint(fold_dir / "last.pth", t.model, fold_cfg, {
         "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict() if t.scheduler else None,
         "scaler": t.scaler.state_dict(), "ema": t.ema.state_dict() if t.ema else None, "epoch": epoch,
@@ -151,6 +153,18 @@ def resume_fold(path, t, config, rank):
 # ---- per-fold outputs -----------------------------------------------------------------------------
 def fold_finished(run_dir, fold):
     return (Path(run_dir) / f"fold{fold}" / "oof.csv").is_file()
+
+
+def finished_folds(run_dir, folds=None):
+    """The finished folds of a run (those of folds, if given); a fold named but unfinished is one error line."""
+    found = sorted(int(p.parent.name[4:]) for p in Path(run_dir).glob("fold*/oof.csv") if p.parent.name[4:].isdigit())
+    unfinished = [f for f in folds or [] if f not in found]
+    if unfinished:
+        raise UserError(f"fold {unfinished[0]} of {run_dir} did not finish (no fold{unfinished[0]}/oof.csv): "
+                        f"continue it with python train.py --resume {run_dir}, or leave it out of --folds")
+    if not found:
+        raise UserError(f"{run_dir} has no finished fold (fold*/oof.csv): train first, or --resume it")
+    return [f for f in found if folds is None or f in folds]
 
 
 def finish_fold(run_dir, fold, log):
@@ -187,13 +201,17 @@ def tensorboard_log(run_dir, fold_log):
                 writer.add_scalar(key, row[key], row["epoch"])
 
 
-def collect_oof(run_dir):
-    """fold{i}/oof.csv of every finished fold -> one frame, in fold order."""
-    parts = [pd.read_csv(p, dtype={"profile": str}, keep_default_na=False)
-             for p in sorted(Path(run_dir).glob("fold*/oof.csv"))]
-    if not parts:
+def collect_oof(run_dir, name="oof.csv"):
+    """fold{i}/oof.csv of every finished fold -> one frame, in fold order; name="last_epoch_oof.csv": their last
+    epochs' predictions instead (None for a run older than that file)."""
+    finished = sorted(Path(run_dir).glob("fold*/oof.csv"))
+    if not finished:
         raise UserError(f"{run_dir} has no finished fold (fold*/oof.csv): train first")
-    return pd.concat(parts, ignore_index=True)
+    paths = [p.with_name(name) for p in finished]
+    if not all(p.is_file() for p in paths):
+        return None
+    return pd.concat([pd.read_csv(p, dtype={"profile": str}, keep_default_na=False) for p in paths],
+                     ignore_index=True)
 
 
 def write_run_metrics(run_dir, classes, layout):
@@ -201,7 +219,7 @@ def write_run_metrics(run_dir, classes, layout):
     run_dir = Path(run_dir)
     oof = collect_oof(run_dir)
     atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
-    metrics = run_metrics(oof, classes, layout)
+    metrics = run_metrics(oof, classes, layout, collect_oof(run_dir, "last_epoch_oof.csv"))
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
 
@@ -214,7 +232,9 @@ def finish_run(run_dir, config):
     if config.get("decision", "off") != "off" and len(metrics["folds_done"]) > 1:  # one fold: nothing to cross-fit
         rule = fit_run(run_dir, config["decision"])
         line = (f"\ndecision layer ({rule.rule} {rule.params}): cross-fitted OOF macro F1 "
-                f"{rule.cross_fitted_macro_f1:.4f} vs plain {rule.oof_macro_f1:.4f} -> "
-                f"{'applied by inference.py' if rule.applied else 'not applied (no robust gain)'}")
-    return (f"OOF macro F1 {metrics['oof_macro_f1']:.4f}  accuracy {metrics['oof_accuracy']:.4f}  "
-            f"({metrics['oof_images']} images, folds {metrics['folds_done']})  -> {run_dir}{line}")
+                f"{rule.cross_fitted_macro_f1:.4f} vs plain {rule.oof_macro_f1:.4f} -> {rule.reason}")
+    last = metrics.get("oof_macro_f1_last_epoch")
+    return (f"OOF macro F1 {metrics['oof_macro_f1']:.4f} (each fold's best epoch"
+            + (f"; its last epoch: {last:.4f}" if last is not None else "") + f")  accuracy "
+            f"{metrics['oof_accuracy']:.4f}  ({metrics['oof_images']} images, folds {metrics['folds_done']})  -> "
+            f"{run_dir}{line}")

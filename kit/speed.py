@@ -81,14 +81,30 @@ def image_reader(cfg, n_images, transform):
         return load_image
     if mode == "disk":
         folder = Path(cfg.cache_dir or Path(tempfile.gettempdir()) / "kit-image-cache")
-    else:  # one folder per run, shared by its loaders, workers and torchrun ranks
+    else:  # one folder per run, shared by its loaders, workers, torchrun ranks and --fold_per_device processes
         run_key = hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
         folder = ram_dir / f"kit-image-cache-{run_key}"
         remove_abandoned_caches(ram_dir)
         folder.mkdir(exist_ok=True)
-        (folder / "owner.pid").write_text(str(os.getpid()))
-        atexit.register(shutil.rmtree, folder, True)
+        own_memory_cache(folder)
     return partial(cached_image, str(folder), transform.transforms[0])
+
+
+def own_memory_cache(folder):
+    """This process removes the folder when it ends, unless a live process owns it already (the --fold_per_device
+    launcher, a torchrun rank): its fold processes and ranks read it and leave it, and the owner removes it last."""
+    owner = folder / "owner.pid"
+    try:
+        pid = int(owner.read_text())
+        if pid != os.getpid():
+            os.kill(pid, 0)  # raises ProcessLookupError for a dead owner
+        return  # this process or another live one owns it
+    except (FileNotFoundError, ProcessLookupError, ValueError):  # no owner yet, or a dead one: take it over
+        pass
+    except OSError:  # another user's live process
+        return
+    owner.write_text(str(os.getpid()))
+    atexit.register(shutil.rmtree, folder, True)
 
 
 def remove_abandoned_caches(ram_dir):
@@ -137,25 +153,31 @@ def warm_cache(table, cfg, transform, rank=0):
 
 
 # ---- loaders: seeded per-image augmentation, persistent workers ---------------------------------------
+def mixed_seed(*numbers):
+    """A seed in 0..2**32-1 for a tuple of numbers (e.g. seed, fold, epoch, rank), hashed so that every tuple
+    draws its own stream: torch's CPU generator keeps only a seed's low 32 bits, so seed * 2**32 + place would
+    give every epoch the same draws."""
+    return int.from_bytes(hashlib.blake2b(repr(numbers).encode(), digest_size=4).digest(), "little")
+
+
 class SeededSampler(Sampler):
-    """Any sampler's rows as (row, seed): each drawn image is augmented from its own seed, a function of the
-    epoch's seed and its place in the epoch, so the batches do not depend on which worker (or none) decodes
-    them, and loader workers can persist across epochs. set_epoch also passes the epoch to a
-    DistributedSampler."""
+    """Any sampler's rows as (row, seed): each drawn image is augmented from its own seed, mixed from the epoch's
+    seed and its place in the epoch, so the batches do not depend on which worker (or none) decodes them, and
+    loader workers can persist across epochs. set_epoch also passes the epoch to a DistributedSampler."""
 
     def __init__(self, sampler):
         self.sampler, self.seed = sampler, 0
 
     def set_epoch(self, seed, epoch):
         """The epoch's row order and augmentation from its seed (a DistributedSampler's order from epoch)."""
-        self.seed = seed % 2**31
+        self.seed = seed
         if getattr(self.sampler, "generator", None) is not None:
             self.sampler.generator.manual_seed(seed)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((row, self.seed * 2**32 + place) for place, row in enumerate(self.sampler))
+        return ((row, mixed_seed(self.seed, place)) for place, row in enumerate(self.sampler))
 
     def __len__(self):
         return len(self.sampler)

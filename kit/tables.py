@@ -1,14 +1,12 @@
-"""CSV tables that are not the training table: one-line errors for any CSV, the test table, pseudo-label rows.
+"""CSV tables that are not the training table: one-line errors for any CSV, the test table.
 
     frame = read_csv_checked("boxes.csv", ["path", "x0"], fix="write it with python -m kit.crop_faces")
     template, files, submission = read_test_table("data/eval")      # info.csv (or a sample submission) to fill
-    table, notes = with_pseudo_labels(table, notes, classes, "output/probs.csv", "data/eval", 0.9)
 
-The training table itself (layouts, labels, folds) is dataset.py's.
+The training table itself (layouts, labels, folds) is dataset.py's; pseudo-labelled test rows are kit.pseudo's.
 """
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kit.common import UserError
@@ -66,30 +64,3 @@ def read_test_table(data_dir, submission=None):
         raise UserError(f"{submission} names {len(missing)} images not found under {root} "
                         f"(first: {missing[0]}); fix the file or --data_dir")
     return frame, [str(f) for f in files], Path(submission)
-
-
-def with_pseudo_labels(table, notes, classes, probs_csv, test_dir, threshold):
-    """(table, notes) with the confidently predicted test images of probs_csv (read_pseudo_labels) added."""
-    pseudo = read_pseudo_labels(probs_csv, test_dir, classes, threshold)
-    notes = notes + [f"pseudo-labels: {len(pseudo)} test images of {test_dir} join every fold's training set "
-                     f"(predicted with p >= {threshold}; listed in pseudo_labels.csv)"]
-    return pd.concat([table, pseudo[table.columns]], ignore_index=True), notes
-
-
-def read_pseudo_labels(probs_csv, test_dir, classes, threshold):
-    """Test images whose predicted class (inference.py's probs.csv: id, p0..p{C-1}) is at least threshold
-    probable, as table rows (absolute path, label = that class, fold PSEUDO_FOLD) with their confidence."""
-    probs = read_csv_checked(probs_csv, [f"p{i}" for i in range(len(classes))],
-                             fix=f"pass a probs.csv written by inference.py for these {len(classes)} classes")
-    frame, files, _ = read_test_table(test_dir)
-    ids, expected = probs.iloc[:, 0].tolist(), frame.iloc[:, 0].astype(str).tolist()
-    if sorted(ids) != sorted(expected) or len(probs.columns) != len(classes) + 1:
-        differ = sorted(set(ids) ^ set(expected))[:1] or ["its columns"]
-        raise UserError(f"{probs_csv} does not match the test images of {test_dir} ({len(ids)} rows vs "
-                        f"{len(expected)}, first difference: {differ[0]}): pass the probs.csv predicted for "
-                        "--pseudo_dir, with this run's classes")
-    values = probs.set_index(probs.columns[0]).loc[expected].to_numpy(float)
-    confident = values.max(1) >= threshold
-    return pd.DataFrame({"path": [str(Path(f).resolve()) for f in np.array(files)[confident]], "profile": "",
-                         "mask": pd.NA, "gender": pd.NA, "age": pd.NA, "label": values[confident].argmax(1),
-                         "fold": PSEUDO_FOLD, "confidence": values[confident].max(1)})

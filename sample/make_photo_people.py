@@ -21,7 +21,8 @@ real data:
 - age: hair greyness and wrinkles follow an "apparent age" = age + per-person noise (5 years), so a
   58-year-old often looks 60 and a 27-year-old 31. Ages 18..60 as in the real data: ~45% under 30,
   ~48% 30-59 (a bump at 50-58), ~7% exactly 60; ~60% women.
-Per picture: position, scale, rotation, lighting (gain, tint, side light), blur, noise, JPEG quality.
+Per picture: position, scale, rotation, lighting (gain, tint, side light; one per person with --one_scene),
+blur, noise, JPEG quality.
 
 Needs at generation time only: numpy, Pillow, scikit-image (skimage.data: astronaut, coffee, chelsea,
 rocket, camera, brick, grass, gravel, immunohistochemistry, hubble_deep_field, lfw_subset), scikit-learn
@@ -286,20 +287,25 @@ def render(person, stem, rng, size):
     if rng.random() < .3:
         picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(.4, 1.4) * size[0] / 384))
     pixels = np.asarray(picture.convert("RGB"), np.float32)
-    side_light = 1 + rng.uniform(-.35, .35) * (np.linspace(-.5, .5, size[0])[None, :, None])
-    pixels = pixels * rng.uniform(.7, 1.2) * rng.uniform(.92, 1.08, 3) * side_light
+    light = rng.uniform(-.35, .35), rng.uniform(.7, 1.2), rng.uniform(.92, 1.08, 3)  # side light, gain, tint
+    side, gain, tint = person.get("scene", light)  # --one_scene: the person's one sitting
+    pixels = pixels * gain * tint * (1 + side * (np.linspace(-.5, .5, size[0])[None, :, None]))
     pixels = pixels + rng.normal(0, rng.uniform(1, 6), pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 # ---- writing the layout ------------------------------------------------------------------------
-def new_person(sources, seed, part, number, size):
-    """Person number of part ('train'/'eval'), from its own random stream: any person can be rebuilt alone."""
+def new_person(sources, seed, part, number, size, one_scene=False):
+    """Person number of part ('train'/'eval'), from its own random stream: any person can be rebuilt alone.
+    one_scene: the person's 7 pictures share one light (side light, gain, tint), as photos of one sitting do."""
     rng = np.random.default_rng([seed, {"train": 1, "eval": 2}[part], number])
     gender = "female" if rng.random() < .6 else "male"
     person = make_person(gender, sample_age(rng), sources, rng, size)
     person["incorrect_mask"] = int(rng.integers(5))
     person["foreground"] = foreground(person, size)
+    if one_scene:  # a stream of its own: the other draws, and so the default pictures, stay as they were
+        scene = np.random.default_rng([seed, {"train": 1, "eval": 2}[part], number, 5])
+        person["scene"] = scene.uniform(-.35, .35), scene.uniform(.7, 1.2), scene.uniform(.92, 1.08, 3)
     return person, rng
 
 
@@ -317,7 +323,7 @@ def write_train(out, sources, args):
     ids = sorted(np.random.default_rng([args.seed, 3]).choice(np.arange(1, 7000), args.train_people, replace=False))
     rows = []
     for number, person_id in enumerate(ids):
-        person, rng = new_person(sources, args.seed, "train", number, args.size)
+        person, rng = new_person(sources, args.seed, "train", number, args.size, args.one_scene)
         folder_name = f"{person_id:06d}_{person['gender']}_Asian_{person['age']}"
         (out / "train" / "images" / folder_name).mkdir(parents=True)
         for stem in MASK_FILES:
@@ -336,7 +342,7 @@ def write_eval(out, sources, args):
     (out / "eval" / "images").mkdir(parents=True)
     entries = []
     for number in range(args.eval_people):
-        person, rng = new_person(sources, args.seed, "eval", number, args.size)
+        person, rng = new_person(sources, args.seed, "eval", number, args.size, args.one_scene)
         for stem in MASK_FILES:
             image_id = hashlib.sha1(f"{args.seed}/eval/{number}/{stem}".encode()).hexdigest() + ".jpg"
             save_jpeg(render(person, stem, rng, args.size), out / "eval" / "images" / image_id, rng)
@@ -363,6 +369,8 @@ def parse_args(argv=None):
     parser.add_argument("--clothes", choices=["fashion_mnist", "photo"], default="fashion_mnist",
                         help="fashion_mnist: Debian's dataset-fashion-mnist tops; photo: shirts cut from the photos")
     parser.add_argument("--fashion_mnist", default="/usr/share/datasets/fashion-mnist", help="its folder")
+    parser.add_argument("--one_scene", action="store_true", help="a person's 7 pictures share one light (side "
+                        "light, gain, tint), as photos taken in one sitting do; default: each picture its own")
     parser.add_argument("--layout", choices=["mask", "folder"], default="mask",
                         help="folder: also write OUT/folder/<class>/ copies of the training pictures")
     args = parser.parse_args(argv)

@@ -420,7 +420,9 @@ def test_drop_by_path_by_profile_and_by_profile_image(tmp_path, sample_table):
     drops = tmp_path / "drop.csv"
     drops.write_text("path,profile,image\n"
                      "images/000002_male_Asian_30/mask1.jpg,,\n,000001,\n,000007,normal\n")
-    kept = apply_corrections(table, classes, drop_list=drops)
+    corrected = apply_corrections(table, classes, drop_list=drops)[0]
+    kept = corrected[corrected["train_label"] >= 0]  # left out of training; still scored on the given labels
+    assert corrected[["path", "label"]].equals(table[["path", "label"]])
     gone = set(table["path"]) - set(kept["path"])
     assert len(gone) == 1 + 7 + 1
     assert "images/000002_male_Asian_30/mask1.jpg" in gone and "images/000007_male_Asian_39/normal.JPG" in gone
@@ -435,7 +437,7 @@ def test_relabel_gender_mask_and_label(tmp_path, sample_table):
                      ",000002,mask1,mask,incorrect\n"                           # one picture by profile+image
                      "images/000007_male_Asian_39/normal.JPG,,,mask,0\n"          # by path, as an index
                      "images/000091_female_Asian_18/mask1.jpg,,,label,not_worn/female/>=60\n")
-    fixed = apply_corrections(table, classes, relabel_list=fixes).set_index("path")["label"]
+    fixed = apply_corrections(table, classes, relabel_list=fixes)[0].set_index("path")["train_label"]
     before = table.set_index("path")["label"]
     assert before["images/000001_female_Asian_45/mask1.jpg"] == 4
     assert fixed["images/000001_female_Asian_45/mask1.jpg"] == 1
@@ -453,7 +455,7 @@ def test_relabel_csv_layout_label(tmp_path):
     fixes.parent.mkdir()
     fixes.write_text("path,field,value\nimages/img_000.jpg,label,owl\nimages/img_001.jpg,label,0\n")
     table = build_table(tmp_path, folds=3, group_col="site", ann_file="a.csv", relabel_list=fixes)[0]
-    labels = table.set_index("path")["label"]
+    labels = table.set_index("path")["train_label"]
     assert [labels[f"images/img_00{i}.jpg"] for i in range(4)] == [2, 0, 2, 0]
     fixes.write_text("path,field,value\nimages/img_000.jpg,gender,male\n")
     with pytest.raises(UserError, match="field must be label"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 from kit.common import run_main  # noqa: E402
-from dataset import MASK_FILES, age_group, build_table, mask_class_names  # noqa: E402
+from dataset import MASK_FILES, age_group, build_table, mask_class_names, relabelled  # noqa: E402
 from kit.labels import make_label  # noqa: E402
 from kit.runs import KIT_VERSION  # noqa: E402
 from kit.label_issues import class_thresholds, find_label_issues, main, write_label_issues  # noqa: E402
@@ -119,7 +119,8 @@ def test_script_writes_the_flipped_images_first(noisy_run):
 def test_label_issues_csv_is_a_drop_list(noisy_run):
     run_dir, flipped, _ = noisy_run
     write_label_issues(run_dir, top=8)
-    kept = build_table(SAMPLE, drop_list=run_dir / "label_issues.csv")[0]
+    table = build_table(SAMPLE, drop_list=run_dir / "label_issues.csv")[0]
+    kept = table[table["train_label"] >= 0]  # what a model learns from; every image is still scored
     assert len(kept) == 420 - 8 and not set(kept["path"]) & flipped
 
 
@@ -131,10 +132,10 @@ def test_relabel_suggestions_undo_flipped_labels(noisy_run, tmp_path):
     noise = suggestions.assign(value=[classes[(true_labels[p] + 1) % 18] for p in suggestions["path"]])
     noise.to_csv(tmp_path / "noise.csv", index=False)  # the data as the annotators got it wrong
     noisy = build_table(SAMPLE, relabel_list=tmp_path / "noise.csv")[0]
-    assert set(noisy.loc[noisy["label"] != noisy["path"].map(true_labels), "path"]) == flipped
+    assert set(noisy.loc[noisy["train_label"] != noisy["path"].map(true_labels), "path"]) == flipped
     pd.concat([noise, suggestions]).to_csv(tmp_path / "fixed.csv", index=False)  # later rows win
     fixed = build_table(SAMPLE, relabel_list=tmp_path / "fixed.csv")[0]
-    assert (fixed["label"] == fixed["path"].map(true_labels)).all()
+    assert (fixed["train_label"] == fixed["path"].map(true_labels)).all()
 
 
 def test_unknown_ranking_is_one_line_error(noisy_run, monkeypatch, capsys):
@@ -168,7 +169,10 @@ def mask_layout_folder(folder):
 def test_mask_relabel_list_flips_exactly_the_documented_rows(tmp_path):
     folder = mask_layout_folder(tmp_path / "train")
     before = build_table(folder, folds=2)[0].set_index("path")
-    after = build_table(folder, folds=2, relabel_list=ROOT / "lists" / "mask_relabel.csv")[0].set_index("path")
+    fixed = build_table(folder, folds=2, relabel_list=ROOT / "lists" / "mask_relabel.csv")[0]
+    assert fixed["label"].equals(build_table(folder, folds=2)[0]["label"])  # scored on the given labels
+    after = relabelled(fixed, mask_class_names(), ROOT / "lists" / "mask_relabel.csv").set_index("path")
+    assert (after["label"] == fixed.set_index("path")["train_label"]).all()  # what a model learns
     profile, stem = after["profile"], after.index.map(lambda path: Path(path).stem)
     to_male = profile.isin(["006359", "006360", "006361", "006362", "006363", "006364"])
     to_female = profile.isin(["001498-1", "004432"])

@@ -91,7 +91,8 @@ def test_browser_relabel_reload_and_retrain(planted, tmp_path):
 
 
 def retrain(run_dir, data, tmp_path, planted_path, true_name, dropped):
-    """train.py with the page's lists: the planted image has its true label, the dropped one is gone."""
+    """train.py with the page's lists: the planted image is learned with its true label, the dropped one is left out
+    of training; both are still scored on their given labels."""
     done = subprocess.run([sys.executable, "train.py", "--data_dir", str(data), "--model", "test_resnet",
                            "--no-pretrained", "--resize", "64", "48", "--epochs", "1", "--folds", "2",
                            "--num_workers", "0", "--no-report", "--model_dir", str(tmp_path), "--name", "fixed",
@@ -100,8 +101,9 @@ def retrain(run_dir, data, tmp_path, planted_path, true_name, dropped):
     assert done.returncode == 0, done.stderr[-3000:]
     folds = pd.read_csv(tmp_path / "fixed" / "folds.csv")
     classes = json.loads((tmp_path / "fixed" / "config.json").read_text())["classes"]
-    assert classes[folds.loc[folds["path"] == planted_path, "label"].item()] == true_name
-    assert dropped not in set(folds["path"]) and len(folds) == 420 - 1
+    assert classes[folds.loc[folds["path"] == planted_path, "train_label"].item()] == true_name
+    learned = folds[folds["train_label"] >= 0]
+    assert dropped not in set(learned["path"]) and len(learned) == 420 - 1 and len(folds) == 420
 
 
 def test_bad_input_changes_nothing(planted, tmp_path):

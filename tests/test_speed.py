@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-from kit import bench, speed  # noqa: E402
+from kit import bench, predict, speed  # noqa: E402
 import train  # noqa: E402
 from dataset import build_table, build_transform  # noqa: E402
 from kit.images import ImageDataset, image_boxes, load_image  # noqa: E402
@@ -167,7 +167,7 @@ def test_cross_run_ensemble_decodes_each_test_image_once(tiny_run_dir, tmp_path,
         def __getitem__(self, item):
             reads.append(item)
             return super().__getitem__(item)
-    monkeypatch.setattr(inference, "ImageDataset", CountingDataset)
+    monkeypatch.setattr(predict, "ImageDataset", CountingDataset)  # what predict_files decodes with
     for name, runs in (("one", [tiny_run_dir]), ("two", [tiny_run_dir, tiny_run_dir])):
         monkeypatch.setattr(sys, "argv", ["inference.py", "--data_dir", str(ROOT / "sample/eval"), "--model_dir",
                                           *map(str, runs), "--output_dir",
@@ -185,7 +185,7 @@ def test_cross_run_ensemble_decodes_each_test_image_once(tiny_run_dir, tmp_path,
 
 def test_inference_halves_a_batch_the_gpu_cannot_hold(tiny_run_dir, tmp_path, monkeypatch, capsys):
     """Inference starts with large batches; out of GPU memory, it halves them and gives the same answers."""
-    real, sizes = inference.predict_probs, []
+    real, sizes = predict.predict_probs, []
 
     def small_gpu(models, loader, *args, **kwargs):
         sizes.append(loader.batch_size)
@@ -194,7 +194,7 @@ def test_inference_halves_a_batch_the_gpu_cannot_hold(tiny_run_dir, tmp_path, mo
         return real(models, loader, *args, **kwargs)
     argv = ["--data_dir", str(ROOT / "sample/eval"), "--model_dir", str(tiny_run_dir), "--num_workers", "0"]
     for name, patch in (("small", small_gpu), ("large", real)):
-        monkeypatch.setattr(inference, "predict_probs", patch)
+        monkeypatch.setattr(predict, "predict_probs", patch)
         monkeypatch.setattr(sys, "argv", ["inference.py", *argv, "--output_dir", str(tmp_path / name)])
         inference.main()
     assert sizes == [256, 128, 64, 32] and "out of GPU memory: --batch_size 32" in capsys.readouterr().out
@@ -233,7 +233,8 @@ def test_feature_path_writes_the_whole_run_folder_and_leaves_no_memory_cache(pro
     for name in ("config.json", "folds.csv", "oof.csv", "metrics.json", "log.csv", "confusion.png"):
         assert (probe_run / name).is_file(), name
     for fold in range(2):
-        assert {p.name for p in (probe_run / f"fold{fold}").iterdir()} == {"best.pth", "last.pth", "oof.csv"}
+        assert {p.name for p in (probe_run / f"fold{fold}").iterdir()} == {"best.pth", "last.pth", "oof.csv",
+                                                                           "last_epoch_oof.csv"}
     log = pd.read_csv(probe_run / "log.csv")
     assert len(log) == 2 * 8 and log["train_loss"].notna().all()
     config = json.loads((probe_run / "config.json").read_text())
