@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--decision", default="auto", choices=["auto", "off"], help="auto: answer with the run's "
                    "decision.json rule when its fit applied one (macro F1), off: plain argmax")
+    p.add_argument("--people", default="auto", choices=["auto", "on", "off"], help="person-consistent answers "
+                   "(kit/people.py): the test pictures grouped into people, each group's gender and age pooled; auto: "
+                   "where the run's people.json measured an out-of-fold gain, on: always, off: never")
     return p.parse_args(argv)
 
 
@@ -53,6 +56,7 @@ from kit.common import atomic_write_all
 from kit.decision import run_rule
 from kit.device import pick_device
 from kit.images import center_share, find_bad_images, read_boxes, unreadable_error
+from kit.people import read_people, scenes
 from kit.predict import load_run, predict_files
 from kit.runs import finished_folds
 from kit.tables import read_csv_checked, read_test_table
@@ -146,9 +150,33 @@ def write_outputs(output_dir, template, config, probs, submission=None, answers=
     return frame
 
 
-def decision_rule(args, n_classes):
-    """The run's macro-F1 decision rule (decision.json, when its fit applied one) for a single-run ensemble;
-    a cross-run ensemble averages runs whose rules were each fitted on their own OOF, so it takes none."""
+def person_consistent(args, probs, files):
+    """(probabilities to answer from, the run's People or None): the test pictures grouped into people and each
+    group's gender and age pooled, as the run's people.json says (--people auto: where it gained out of fold)."""
+    found = read_people(args.model_dir[0]) if args.people != "off" and len(args.model_dir) == 1 else None
+    if args.people == "on":
+        if len(args.model_dir) > 1:
+            raise UserError("--people on needs one run: each run's people.json was fitted on its own OOF")
+        if found is None:
+            raise UserError(f"{args.model_dir[0]} has no people.json (a mask-layout run fits it at its end): fit it "
+                            f"with python -m kit.people --model_dir {args.model_dir[0]}, or leave out --people on")
+        if len(files) < 2:
+            raise UserError(f"--people on: {len(files)} test picture, nothing to group: leave out --people on")
+    if found is None or len(files) < 2 or (args.people == "auto" and not found.applied):
+        return probs, None
+    pooled, groups = found.apply(probs, scenes(files))
+    print(f"person-consistent answers: {len(files)} pictures in {len(set(groups))} groups ({found.heads} pooled); "
+          f"{found.reason}")
+    return pooled, found
+
+
+def decision_rule(args, n_classes, people=None):
+    """The macro-F1 decision rule to answer with: the one fitted on pooled OOF probabilities when people pooled
+    them, else the run's decision.json rule (when its fit applied one) for a single-run ensemble; a cross-run
+    ensemble averages runs whose rules were each fitted on their own OOF, so it takes none."""
+    if people is not None:
+        rule = people.rule()
+        return rule if args.decision != "off" and rule.applied else None
     if args.decision == "off" or len(args.model_dir) > 1:
         if args.decision != "off":
             print("decision layer: not applied to a cross-run ensemble (each rule was fitted on its own run's OOF)")
@@ -156,14 +184,17 @@ def decision_rule(args, n_classes):
     return run_rule(args.model_dir[0], n_classes)
 
 
-def manifest(args, n_models, rule):
-    """What made a submission: run folders, the folds used, checkpoint, TTA, crop boxes, test folder, decision rule."""
+def manifest(args, n_models, rule, people):
+    """What made a submission: run folders, the folds used, checkpoint, TTA, crop boxes, test folder, decision
+    rule, person-consistent answers."""
     return {"run_dirs": [str(Path(d).resolve()) for d in args.model_dir],
             "folds": {str(Path(d).resolve()): finished_folds(d, args.folds) for d in args.model_dir},
             "models": n_models, "checkpoint": args.checkpoint, "tta": args.tta, "crop": args.crop,
             "data_dir": str(args.data_dir), "decision": None if rule is None else {
                 "file": str(Path(args.model_dir[0]).resolve() / "decision.json"), "rule": rule.rule,
-                "params": rule.params}}
+                "params": rule.params},
+            "people": None if people is None else {"file": str(Path(args.model_dir[0]).resolve() / "people.json"),
+                                                   "threshold": people.threshold, "heads": people.heads}}
 
 
 def main(argv=None):
@@ -180,9 +211,11 @@ def main(argv=None):
     probs = sum(predict_files(models, config, files, device, run_boxes(config, args.crop, relative), args.tta,
                               args.amp, args.batch_size, args.num_workers) * len(models)
                 for config, models in decoding_groups(runs)) / n_models
-    rule = decision_rule(args, probs.shape[1])
+    answered, people = person_consistent(args, probs, files)  # probs.csv keeps the plain probabilities
+    rule = decision_rule(args, probs.shape[1], people)
     frame = write_outputs(args.output_dir, template, runs[0][0], probs, submission_path,
-                          None if rule is None else rule.predict(probs), manifest(args, n_models, rule))
+                          answered.argmax(1) if rule is None else rule.predict(answered),
+                          manifest(args, n_models, rule, people))
     counts = frame.iloc[:, 1].value_counts().sort_index()
     print(f"{len(frame)} predictions from {n_models} models{' with flip TTA' if args.tta else ''}"
           f"{'' if rule is None else f', decision layer {rule.rule} {rule.params}'} -> "

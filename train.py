@@ -9,9 +9,8 @@ The run folder (model_dir/name, numbered if it exists) gets config.json, folds.c
 and last.pth, fold{i}/oof.csv, oof.csv, metrics.json, log.csv, report.html and TensorBoard events:
 everything inference.py needs. See --help for every argument.
 
-Reading order: settings (build_parser), then main() (the whole job), train_fold() (one fold's objects and
-its epoch loop), train_one_epoch() (the step). The machinery lives in the kit package: the speed machinery in
-kit/speed.py, the run folder in kit/runs.py, torchrun and --fold_per_device in kit/distributed.py.
+Reading order: settings (build_parser), main() (the whole job), train_fold() (one fold and its epoch loop),
+train_one_epoch() (the step). Machinery lives in kit/: speed.py, runs.py (the run folder), distributed.py.
 """
 import argparse
 import os
@@ -25,7 +24,7 @@ OPTIMIZERS = {"sgd": lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, n
               "adamw": lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)}  # p: param_groups()
 SCHEDULERS = {"cosine": "cosine", "step": "step", "plateau": "plateau", "none": None}  # ours -> timm's
 # what --resume may change: how long and how fast, never what is learned from what
-SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_dir", "log_interval", "report", "decision",
+SAFE_ON_RESUME = ("epochs", "patience", "fold", "num_workers", "cache", "cache_dir", "log_interval", "report", "decision", "people",
                   "valid_batch_size")
 
 
@@ -124,7 +123,7 @@ from tqdm import tqdm
 
 from dataset import (MASK_CENTER_CROP, HalfCutMix, build_transform, fold_rows, rarest_classes, summarize,
                      table_from_args, training_labels)
-from kit import report, runs, speed
+from kit import finish, runs, speed
 from kit.common import lookup
 from kit.device import amp_dtype, autocast, out_of_memory, to_device
 from kit.distributed import finish_distributed, from_rank0, gather_predictions, launch_fold_per_device, setup_distributed
@@ -144,15 +143,12 @@ def check_args(cfg, table):
                         f"(mask/gender/age), not {cfg.layout}; leave it out")
     if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
         raise UserError(f"--fold {cfg.fold} is not one of the {cfg.folds} folds (0..{cfg.folds - 1})")
-    if cfg.freeze_backbone and cfg.freeze_blocks:
-        raise UserError("--freeze_backbone freezes every block: leave out --freeze_blocks")
-    if cfg.freeze_backbone and cfg.backbone_lr_scale != 1.0:
-        raise UserError("--freeze_backbone and --backbone_lr_scale conflict: the frozen backbone has no lr")
+    if cfg.freeze_backbone and (cfg.freeze_blocks or cfg.backbone_lr_scale != 1.0):
+        raise UserError("--freeze_backbone freezes every block, so --freeze_blocks and --backbone_lr_scale conflict "
+                        "with it: leave them out")
     if cfg.crop and cfg.pseudo_labels:
         raise UserError("--pseudo_labels with --crop is not supported: the boxes file has no test images")
-    if cfg.cache in ("memory", "disk") and not speed.resizes_first(transform_of(cfg)):
-        raise UserError(f"--cache {cfg.cache} keeps pictures resized to the input size, but --augmentation "
-                        f"{cfg.augmentation} crops the whole picture first: use --cache auto (off here) or none")
+    speed.check_cache(cfg, transform_of(cfg))  # a cache that would change the pictures is refused
     image_boxes(table["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)  # a bad boxes file fails now, not in fold 0
     make_criterion(cfg, len(cfg.classes), table["label"])  # a bad --criterion fails before any image is read
 
@@ -217,21 +213,16 @@ def main(argv=None):
     if todo and args.resume:  # a new run's images were decoded (into the cache) by new_run's check
         speed.warm_cache(table, cfg, transform_of(cfg), rank)
     for fold in todo:
-        try:
-            log = train_fold(fold, table, cfg, device, rank, world)
+        try:  # the first fold's first epoch times the run: an estimate of its whole length is printed
+            log = train_fold(fold, table, cfg, device, rank, world, len(todo) if fold == todo[0] else 0)
         except torch.OutOfMemoryError:
             raise out_of_memory(cfg.batch_size, cfg.valid_batch_size, cfg.accum_steps, cfg.model, cfg.input_size) from None
         except KeyboardInterrupt:
             raise UserError(f"interrupted in fold {fold}; continue with: python train.py --resume {run_dir}") from None
         if rank == 0:
             runs.finish_fold(run_dir, fold, log)
-    if rank == 0:
-        summary = runs.finish_run(run_dir, vars(cfg))  # oof.csv, metrics.json, decision.json
-        if cfg.report:  # report.html and its pictures (a few seconds); --no-report: confusion.png alone
-            report.write_report(run_dir)
-        else:
-            report.write_confusion(run_dir)
-        print(summary)
+    if rank == 0:  # oof.csv, metrics.json, decision.json, people.json, report.html: kit/finish.py
+        print(finish.finish_run(run_dir, vars(cfg)))
     finish_distributed(world)
 
 
@@ -307,19 +298,18 @@ def build_fold(cfg, train_rows, batches_per_epoch, device, world=1):
         mixup = HalfCutMix(cfg.half_cutmix, len(cfg.classes), rare)
     net = torch.compile(model) if cfg.compile else model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None
-                                                        else None)
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=None if device.index is None else [device.index])
     return Fold(model, net, optimizer, scheduler,
                 torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.amp) == torch.float16),
                 make_criterion(cfg, len(cfg.classes), labels).to(device),
                 # warm-up: the average follows the model early on, else a few hundred updates stay near the init
                 ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None, mixup,
-                updates_per_epoch,
-                [str(Path(cfg.data_dir) / p) for p in train_rows["path"]])
+                updates_per_epoch, [str(Path(cfg.data_dir) / p) for p in train_rows["path"]])
 
 
-def train_fold(fold, table, cfg, device, rank=0, world=1):
-    """Train one fold: saves best/last checkpoints and fold{i}/best_oof.csv; returns the fold's log rows."""
+def train_fold(fold, table, cfg, device, rank=0, world=1, folds_to_time=0):
+    """Train one fold: saves best/last checkpoints and fold{i}/best_oof.csv; returns the fold's log rows. With
+    folds_to_time, its first epoch's time gives the estimate of that many folds' epochs."""
     fold_dir = Path(cfg.run_dir) / f"fold{fold}"
     train_rows, val_rows = fold_rows(table, fold)  # corrections and pseudo-labels change training rows only
     if val_rows.empty or train_rows.empty:
@@ -333,6 +323,7 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
         (t.net, eval_net), train_loader, val_loader = speed.feature_training(
             t, (train_rows, val_rows), (train_loader, val_loader), cfg, device, lambda rows: make_loader(rows, cfg, False))
     start, best_f1, stale, log = runs.resume_fold(fold_dir / "last.pth", t, vars(cfg), rank)
+    started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         epoch_seed = speed.mixed_seed(cfg.seed, fold, epoch, rank)  # torchrun ranks augment differently
         seed_everything(epoch_seed)  # each epoch a function of (seed, fold, epoch)
@@ -354,6 +345,8 @@ def train_fold(fold, table, cfg, device, rank=0, world=1):
                   + (" *" if improved else ""))
             runs.save_epoch(fold_dir, t, eval_model, {**vars(cfg), "fold": fold}, (epoch, best_f1, stale, log),
                             (val_rows, probs))
+            if folds_to_time and epoch == start:  # training and validation both timed
+                print(speed.estimate(cfg, device, time.perf_counter() - started, folds_to_time * cfg.epochs - start))
         if cfg.patience and stale >= cfg.patience:
             break
     return log

@@ -16,8 +16,8 @@ Machinery (imported by the recipe files):
   distributed  torchrun (DDP) and --fold_per_device
   decision     the macro-F1 decision layer fitted on OOF (also a tool)
 
-Tools (python -m kit.<name> --help): report, label_issues, compare, decision, app (demo page; --review: the
-label review of kit/review.py), gradcam, export, crop_faces, weights, doctor, bench.
+Tools (python -m kit.<name> --help): report, label_issues, compare, decision, sweep (Optuna search), app (demo
+page; --review: the label review of kit/review.py), gradcam, export, crop_faces, weights, doctor, bench.
 
 Imports run one way, from the recipe files into this package. The package imports from the recipe files only
 this contract, so a competitor who rewrites them keeps these names (tests/test_layout.py checks it):
@@ -25,7 +25,7 @@ this contract, so a competitor who rewrites them keeps these names (tests/test_l
   model.to_probs(logits, head)                                       their class probabilities
   dataset.build_transform(augmentation, input_size, interpolation, train)   the evaluation resize
   dataset.build_table(data_dir, layout, ...)                         a training folder's images (crop_faces, bench)
-  train: parse_args, run_settings, build_fold, make_loader, train_one_epoch, seed_everything, OPTIMIZERS
-                                                                     timed as they are by kit.bench
+  train: build_parser, parse_args, run_settings, build_fold, make_loader, train_one_epoch, seed_everything, OPTIMIZERS
+                                                   its settings (kit.sweep) and loop, timed as they are by kit.bench
 kit.distributed runs the training script whose path train.py hands it (its own file, whatever its name).
 """

@@ -44,7 +44,8 @@ BENCH_DEFAULTS = ["--model", "resnet18", "--no-pretrained", "--resize", "128", "
 
 def parse_args(argv=None):
     p = KitParser(prog="python -m kit.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                  epilog="Any other argument goes to train.py's parser (defaults here: " + " ".join(BENCH_DEFAULTS) + ").")
+                  epilog="Any other argument goes to train.py's parser (defaults here: " + " ".join(BENCH_DEFAULTS) + ").",
+                  allow_abbrev=False)  # a train.py flag is never taken for the start of one of these
     p.add_argument("--data_dir", default=None, help="a kit layout to read (default: generated photos)")
     p.add_argument("--images", type=int, default=2100, help="generated photos (7 per person)")
     p.add_argument("--work_dir", default="/tmp/kit-bench", help="where generated data is kept")

@@ -63,6 +63,13 @@ def one_line(err, limit):
     return " ".join(str(err).split())[:limit]
 
 
+def duration_text(seconds):
+    """'40 s', '12 minutes' or '2.7 hours'."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} minutes" if seconds < 5400 else f"{seconds / 3600:.1f} hours"
+
+
 def lookup(registry, name, what):
     """registry[name], or a UserError naming close matches and every valid name."""
     if name in registry:

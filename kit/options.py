@@ -56,6 +56,8 @@ def add_run_args(group, safe_on_resume):
     group.add_argument("--log_interval", type=in_range(int, 1), default=20, help="batches between progress updates")
     group.add_argument("--decision", default="prior", choices=["prior", "prior_age", "off"], help="macro-F1 decision "
                        "layer fitted on OOF (kit/decision.py), applied by inference.py where cross-fitting shows a gain")
+    group.add_argument("--people", default="auto", choices=["auto", "off"], help="mask layout: fit person-consistent "
+                       "answers on OOF at the end (kit/people.py), applied by inference.py where they gain out of fold")
     group.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                        help="end with kit.report's pictures and report.html (a few seconds)")
     group.add_argument("--resume", default=None, help="run folder to continue (finished folds are kept; "

@@ -8,6 +8,7 @@ Used by inference.py, the validation of train.py, pseudo-labels and the tools (d
 models are rebuilt by model.py's create_model and read out by its to_probs, the pictures resized by dataset.py's
 evaluation transform and cut as the run's config.json says: a run is predicted the way it was trained.
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,11 @@ from torch.utils.data import DataLoader
 
 from dataset import build_transform
 from kit.checkpoints import check_same_run, load_torch_file
-from kit.common import UserError, one_line
+from kit.common import UserError, duration_text, one_line
 from kit.device import amp_dtype, autocast, to_device
 from kit.images import ImageDataset, center_share
 from kit.runs import finished_folds, read_config
+from kit.speed import AfterFrozenBlocks, frozen_blocks, shared_trunk
 from model import create_model, to_probs
 
 
@@ -64,10 +66,28 @@ def load_run(run_dir, folds=None, which="best", device="cpu"):
     return models, config
 
 
+ESTIMATE_AFTER = 512  # pictures timed first when a test set is over four times as many: then its length is told
+
+
 def predict_files(models, config, files, device, boxes=None, tta=False, amp="auto", batch_size=256, num_workers=0):
     """Averaged probabilities of models that read images alike (config.json's input size, interpolation, head,
     centre crop) over files, in their order, each image decoded once; boxes: the face boxes of a run trained on
-    them. A batch too large for the GPU is halved and the pass started again."""
+    them. A large set is timed on its first pictures and its estimated length printed."""
+    files, boxes, parts = list(files), boxes and list(boxes), []
+    if len(files) > 4 * ESTIMATE_AFTER:
+        started, head = time.perf_counter(), slice(0, ESTIMATE_AFTER)
+        parts.append(predict_pass(models, config, files[head], device, boxes and boxes[head], tta, amp, batch_size,
+                                  num_workers))
+        rest = (time.perf_counter() - started) * (len(files) - ESTIMATE_AFTER) / ESTIMATE_AFTER
+        print(f"inference: {len(files)} pictures x {len(models)} models{' x 2 views' if tta else ''}: about "
+              f"{duration_text(rest)} more", flush=True)
+        files, boxes = files[ESTIMATE_AFTER:], boxes and boxes[ESTIMATE_AFTER:]
+    parts.append(predict_pass(models, config, files, device, boxes, tta, amp, batch_size, num_workers))
+    return np.concatenate(parts)
+
+
+def predict_pass(models, config, files, device, boxes, tta, amp, batch_size, num_workers):
+    """predict_files' pass over files; a batch too large for the GPU is halved and the pass started again."""
     size = config["input_size"]
     transform = build_transform("base", size, config["interpolation"], train=False)
     center = center_share(config.get("center_crop"))
@@ -76,7 +96,8 @@ def predict_files(models, config, files, device, boxes=None, tta=False, amp="aut
     while True:
         loader = DataLoader(dataset, batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available())
         try:
-            probs, rows = predict_probs(models, loader, config["head"], device, amp, config["channels_last"], tta)
+            probs, rows = predict_probs(models, loader, config["head"], device, amp, config["channels_last"], tta,
+                                        config.get("freeze_blocks", 0))
             return probs[np.argsort(rows)]
         except torch.OutOfMemoryError:
             if batch_size == 1:
@@ -88,18 +109,22 @@ def predict_files(models, config, files, device, boxes=None, tta=False, amp="aut
 
 
 @torch.no_grad()
-def predict_probs(models, loader, head, device, amp="auto", channels_last=True, tta=False):
-    """Mean class probabilities of one or several models over a loader (each batch decoded once,
-    every model and the flipped view run on it); returns (probs, row indices) as numpy arrays."""
+def predict_probs(models, loader, head, device, amp="auto", channels_last=True, tta=False, trunk_blocks=0):
+    """Mean class probabilities of one or several models over a loader (each batch decoded once, every model and
+    the flipped view run on it); returns (probs, row indices) as numpy arrays. Models sharing their first
+    trunk_blocks block groups (a --freeze_blocks run's folds) run that trunk once per batch and view."""
     models = models if isinstance(models, (list, tuple)) else [models]
     for model in models:
         model.eval()
+    blocks = shared_trunk(models, trunk_blocks)
+    rests = [AfterFrozenBlocks(m, blocks) for m in models] if blocks else models
     dtype, probs, rows = amp_dtype(device, amp), [], []
     for images, _, index, *_ in loader:
         images = to_device(images, device, channels_last)
         views = [images, images.flip(3)] if tta else [images]
         with autocast(device, dtype):
-            batch = sum(to_probs(m(v), head) for m in models for v in views) / (len(models) * len(views))
+            inputs = [frozen_blocks(models[0], v, blocks) for v in views] if blocks else views
+            batch = sum(to_probs(rest(v), head) for rest in rests for v in inputs) / (len(models) * len(views))
         probs.append(batch.float())  # kept on the device: no wait for the host after every batch
         rows.append(index)
     return torch.cat(probs).cpu().numpy(), torch.cat(rows).numpy()

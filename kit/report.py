@@ -249,12 +249,6 @@ def write_html(run_dir, metrics, config, class_table, pngs):
 
 
 # ---- the jobs ----------------------------------------------------------------------------------
-def write_confusion(run_dir):
-    """confusion.png alone: what a train.py --no-report run draws."""
-    config, oof = read_config(run_dir), collect_oof(run_dir)
-    save_confusion_png(oof["label"], oof["pred"], config["classes"], Path(run_dir) / "confusion.png")
-
-
 def read_run(run_dir, data_dir=None):
     """config.json, the OOF frame and the image folder of a run; one-line errors if missing."""
     config = read_config(run_dir)
@@ -276,9 +270,14 @@ def read_log(run_dir):
     return pd.read_csv(path)
 
 
-def write_report(run_dir, data_dir=None, worst=24):
-    """Every report picture and report.html into run_dir; returns the metrics shown."""
+def write_report(run_dir, data_dir=None, worst=24, pictures=True):
+    """Every report picture and report.html into run_dir; returns the metrics shown. pictures=False (train.py
+    --no-report): confusion.png alone, in a blink."""
     run_dir = Path(run_dir)
+    if not pictures:
+        config, oof = read_config(run_dir), collect_oof(run_dir)
+        save_confusion_png(oof["label"], oof["pred"], config["classes"], run_dir / "confusion.png")
+        return None
     config, oof, data_dir = read_run(run_dir, data_dir)
     log, seen = read_log(run_dir), center_share(config.get("center_crop"))
     classes, labels, preds = config["classes"], oof["label"].to_numpy(), oof["pred"].to_numpy()

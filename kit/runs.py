@@ -4,7 +4,7 @@
     start_run(run_dir, config, table, bad)    # config.json, folds.csv, bad_images.csv of a new run
     save_epoch(...), resume_fold(...)         # a fold's best/last checkpoints; an interrupted fold's state
     finish_fold(run_dir, fold, log)          # log.csv, TensorBoard, fold{i}/oof.csv (marks the fold finished)
-    summary = finish_run(run_dir, config)    # oof.csv, metrics.json, decision.json of the finished folds
+    metrics = write_run_metrics(run_dir, classes, layout)   # oof.csv, metrics.json of the finished folds
 
 model_dir/NAME/: config.json, folds.csv, fold{i}/{best,last}.pth, fold{i}/oof.csv (marks the fold finished),
 oof.csv, metrics.json, log.csv, tb/ (TensorBoard), report.html and its PNGs, bad_images.csv.
@@ -22,7 +22,6 @@ import torch
 
 from kit.checkpoints import load_last, save_checkpoint
 from kit.common import UserError, atomic_write
-from kit.decision import fit_run
 from kit.images import center_share
 from kit.metrics import run_metrics
 from kit.tables import PSEUDO_FOLD
@@ -222,19 +221,3 @@ def write_run_metrics(run_dir, classes, layout):
     metrics = run_metrics(oof, classes, layout, collect_oof(run_dir, "last_epoch_oof.csv"))
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics
-
-
-# ---- the end of a run -----------------------------------------------------------------------------
-def finish_run(run_dir, config):
-    """oof.csv, metrics.json and decision.json of the finished folds; returns the lines that tell the score."""
-    metrics = write_run_metrics(run_dir, config["classes"], config["layout"])
-    line = ""
-    if config.get("decision", "off") != "off" and len(metrics["folds_done"]) > 1:  # one fold: nothing to cross-fit
-        rule = fit_run(run_dir, config["decision"])
-        line = (f"\ndecision layer ({rule.rule} {rule.params}): cross-fitted OOF macro F1 "
-                f"{rule.cross_fitted_macro_f1:.4f} vs plain {rule.oof_macro_f1:.4f} -> {rule.reason}")
-    last = metrics.get("oof_macro_f1_last_epoch")
-    return (f"OOF macro F1 {metrics['oof_macro_f1']:.4f} (each fold's best epoch"
-            + (f"; its last epoch: {last:.4f}" if last is not None else "") + f")  accuracy "
-            f"{metrics['oof_accuracy']:.4f}  ({metrics['oof_images']} images, folds {metrics['folds_done']})  -> "
-            f"{run_dir}{line}")

@@ -31,7 +31,7 @@ from timm.models.efficientnet import EfficientNet
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from kit.common import UserError, atomic_write
+from kit.common import UserError, atomic_write, duration_text
 from kit.device import amp_dtype, autocast, to_device
 from kit.distributed import from_rank0
 from kit.images import DECODE_ERRORS, find_bad_images, image_boxes, load_image
@@ -42,6 +42,14 @@ def resizes_first(transform):
     """True when a transform (dataset.build_transform's) begins with a plain resize to the input size: then an
     image read from the cache, already at that size, gives the same pixels (the resize passes it unchanged)."""
     return isinstance(transform.transforms[0], T.Resize)
+
+
+def check_cache(cfg, transform):
+    """--cache memory or disk with a transform that does not resize first (strong crops the whole picture) would
+    train on other pixels than the images give: one error line, before the run folder exists."""
+    if cfg.cache in ("memory", "disk") and not resizes_first(transform):
+        raise UserError(f"--cache {cfg.cache} keeps pictures resized to the input size, but --augmentation "
+                        f"{cfg.augmentation} crops the whole picture first: use --cache auto (off here) or none")
 
 
 def cached_image(cache_dir, resize, path, draft_size=None, box=None):
@@ -59,6 +67,23 @@ def cached_image(cache_dir, resize, path, draft_size=None, box=None):
     pixels = image.as_subclass(torch.Tensor).contiguous()
     atomic_write(file, lambda tmp: pixels.numpy().tofile(tmp))
     return pixels
+
+
+CPU_RECIPE = ("recipes/cpu_quick.yaml", "7 minutes", "2,100 pictures, 5 folds, 2 cores of an AMD EPYC")
+LONG_ON_A_CPU = 30 * 60  # seconds: past this a CPU user without a recipe or a size hears of cpu_quick
+
+
+def estimate(cfg, device, first_epoch_seconds, epochs):
+    """The line that tells how long the run's epochs take in all, from its first epoch (training and validation);
+    on a CPU, a long run that chose neither a recipe nor a size also names the CPU recipe and its measured time."""
+    seconds = first_epoch_seconds * epochs
+    line = (f"estimate: {epochs} epochs (folds x epochs) at {first_epoch_seconds:.0f} s each, training and validation: "
+            f"about {duration_text(seconds)} in all")
+    if device.type == "cpu" and seconds > LONG_ON_A_CPU and not (cfg.config or cfg.resize):
+        path, minutes, measured = CPU_RECIPE
+        line += (f"\nhint: on a CPU, python train.py --config {path} (with --weights for offline ImageNet weights) "
+                 f"took {minutes} on {measured}: a smaller input, frozen early layers, 4 epochs")
+    return line
 
 
 def physical_ram():
@@ -249,6 +274,24 @@ def frozen_blocks(model, images, blocks):
     """An EfficientNet's stem and first `blocks` block groups on 0-255 images (timm's forward_features, cut)."""
     backbone = model.backbone
     return backbone.blocks[:blocks](backbone.bn1(backbone.conv_stem(model.normalize(images))))
+
+
+def trunk_tensors(model, blocks):
+    """The weights and statistics of an EfficientNet Classifier's input normalization, stem and first blocks."""
+    backbone = model.backbone
+    parts = [model.mean, model.std, *backbone.conv_stem.state_dict().values(), *backbone.bn1.state_dict().values()]
+    return parts + list(backbone.blocks[:blocks].state_dict().values())
+
+
+def shared_trunk(models, blocks):
+    """blocks when every model is an EfficientNet whose stem and first `blocks` block groups hold the very same
+    tensors (a --freeze_blocks run's fold models: pretrained and frozen alike), else 0: then the trunk can run once
+    for all of them."""
+    if not blocks or not all(isinstance(m.backbone, EfficientNet) for m in models):
+        return 0
+    first = trunk_tensors(models[0], blocks)
+    same = all(all(torch.equal(a, b) for a, b in zip(first, trunk_tensors(m, blocks))) for m in models[1:])
+    return blocks if same else 0
 
 
 class AfterFrozenBlocks(torch.nn.Module):

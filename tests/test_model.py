@@ -115,6 +115,33 @@ def test_lite0_weights_see_a_daisy_through_the_kits_own_path(tmp_path, lite0_ima
     assert probs.argmax().item() == DAISY and probs[0, DAISY] > 0.1
 
 
+@pytest.mark.parametrize("architecture, side", [("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite1", 240),
+                                                ("tf_efficientnet_lite2", 260)])
+def test_offline_weights_see_an_espresso_and_a_cat_through_the_kits_own_path(tmp_path, lite0_imagenet, architecture,
+                                                                            side):
+    """scikit-image's coffee and chelsea photos: ImageNet's espresso (967) and Egyptian cat (285) for each model."""
+    from skimage.data import chelsea, coffee
+    from kit.weights import offline_weights
+    imagenet = lite0_imagenet if architecture.endswith("0") else create_model(
+        architecture, 1000, pretrained=False, weights=offline_weights(architecture, tmp_path)).eval()
+    config = data_config(imagenet.backbone)
+    transform = build_transform("base", config["input_size"], config["interpolation"], train=False)
+    for photo, expected in ((coffee(), 967), (chelsea(), 285)):
+        Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+        image = transform(load_image(tmp_path / "photo.jpg"))
+        assert image.shape == (3, side, side)
+        with torch.no_grad():
+            probs = to_probs(imagenet(image[None]))
+        assert probs.argmax().item() == expected and probs[0, expected] > 0.5, (architecture, expected)
+
+
+def test_lite1_weights_given_to_a_lite0_model_are_one_line(tmp_path_factory):
+    from kit.weights import offline_weights
+    message = one_line_error(lambda: create_model("tf_efficientnet_lite0", 18, pretrained=False, weights=offline_weights(
+        "tf_efficientnet_lite1", tmp_path_factory.mktemp("w"))))
+    assert "does not fit tf_efficientnet_lite0" in message and "--model" in message
+
+
 def test_lite0_weights_with_18_classes_keep_the_backbone_and_start_a_new_head(lite0_imagenet, lite0_path):
     pretrained = create_model("tf_efficientnet_lite0", 18, pretrained=False, weights=lite0_path).eval()
     torch.manual_seed(0)

