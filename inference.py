@@ -56,7 +56,7 @@ from kit.common import atomic_write_all
 from kit.decision import run_rule
 from kit.device import pick_device
 from kit.images import center_share, find_bad_images, read_boxes, unreadable_error
-from kit.people import read_people, scenes
+from kit.people import embed, read_people
 from kit.predict import load_run, predict_files
 from kit.runs import finished_folds
 from kit.tables import read_csv_checked, read_test_table
@@ -164,7 +164,7 @@ def person_consistent(args, probs, files):
             raise UserError(f"--people on: {len(files)} test picture, nothing to group: leave out --people on")
     if found is None or len(files) < 2 or (args.people == "auto" and not found.applied):
         return probs, None
-    pooled, groups = found.apply(probs, scenes(files))
+    pooled, groups = found.apply(probs, embed(files))
     print(f"person-consistent answers: {len(files)} pictures in {len(set(groups))} groups ({found.heads} pooled); "
           f"{found.reason}")
     return pooled, found

@@ -11,13 +11,17 @@ Machinery (imported by the recipe files):
   checkpoints  torch.load with one-line errors, atomic saves, the check that a checkpoint is the run's
   runs         the run folder: config.json, folds.csv, fold outputs, log.csv, oof.csv, metrics.json
   metrics      macro F1 and the other scores of metrics.json
-  predict      a run's fold models (load_run) and their averaged probabilities (predict_probs)
+  predict      a run's fold models (load_run) and their averaged probabilities (predict_files, predict_probs),
+               the frozen trunk of a --freeze_blocks run's folds run once for all of them
+  pseudo       pseudo-labels of the test images for each fold, from the teacher run's model of that fold
+  finish       the end of a run: oof.csv, metrics.json, decision.json, people.json, report.html
   speed        decoded-image cache, loader workers, seeded per-image augmentation, feature cache
   distributed  torchrun (DDP) and --fold_per_device
   decision     the macro-F1 decision layer fitted on OOF (also a tool)
+  people       person-consistent answers: test pictures grouped into people, gender and age pooled (also a tool)
 
-Tools (python -m kit.<name> --help): report, label_issues, compare, decision, sweep (Optuna search), app (demo
-page; --review: the label review of kit/review.py), gradcam, export, crop_faces, weights, doctor, bench.
+Tools (python -m kit.<name> --help): report, label_issues, compare, decision, people, sweep (Optuna search), app
+(demo page; --review: the label review of kit/review.py), gradcam, export, crop_faces, weights, doctor, bench.
 
 Imports run one way, from the recipe files into this package. The package imports from the recipe files only
 this contract, so a competitor who rewrites them keeps these names (tests/test_layout.py checks it):

@@ -124,6 +124,9 @@ def run_row(run_dir):
            "applied": "" if applied is None else applied, "decision_reason": reason,
            "accuracy": metrics.get("oof_accuracy")}
     row.update({f"f1_{head}": scores["macro_f1"] for head, scores in metrics.get("heads", {}).items()})
+    if "people" in metrics:  # kit/people.py's out-of-fold evidence
+        row.update({"people_f1": metrics["people"]["oof_macro_f1_pooled"], "people_applied": metrics["people"]["applied"],
+                    "people_purity": metrics["people"]["purity"]})
     row.update({"fold_min": min(fold_f1, default=None), "fold_max": max(fold_f1, default=None),
                 "folds_done": len(fold_f1), "minutes": round((ended - started) / 60, 1),
                 "img_s": None if img_s is None else round(img_s),

@@ -5,9 +5,9 @@ pooled, each picture keeping its own mask answer; fitted and measured out of fol
                                                        # does it at the end); prints purity and OOF F1 with/without
 
 In the competition a person's 7 pictures come from one sitting: background, clothes, hair and light repeat, and
-the test ids are hashed. A scene descriptor of each whole picture (a per-channel normalized 12 x 16 thumbnail and
-the colour histogram of the frame around the face) groups them: complete linkage under a distance threshold, at
-most 7 pictures, at most one predicted "incorrect" and one "not worn" each. A group's gender and age
+the test ids are hashed. A descriptor of each whole picture (ImageNet lite0's pooled features, offline weights)
+groups them: complete linkage under a distance threshold, at most 7 pictures, at most one predicted "incorrect"
+and one "not worn" each. A group's gender and age
 probabilities are its pictures' geometric mean; the decision layer is then refitted on the pooled probabilities.
 
 Honest by construction: the OOF pictures are grouped without their profiles, all together (as many strangers as
@@ -34,49 +34,49 @@ if __name__ == "__main__":  # --help and a mistyped flag answer now, before the 
     run_main(parse_args)
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
-from multiprocessing import Pool
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+import torch
+from torch.utils.data import DataLoader
 
+from dataset import build_transform
 from kit import decision
 from kit.common import atomic_write
-from kit.images import load_image
+from kit.images import ImageDataset
 from kit.labels import head_marginals, joint_from_heads
 from kit.metrics import scores
 from kit.runs import collect_oof, read_config
+from kit.weights import lite0_weights
+from model import create_model
 
-THRESHOLDS = tuple(np.round(np.arange(0.1, 0.51, 0.05), 2))
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # cosine distances between descriptors
+EMBED_SIZE = (3, 128, 96)  # the whole picture, portrait
 HEAD_CHOICES = {"gender+age": (1, 2), "gender": (1,), "age": (2,)}
 PICTURES_PER_PERSON, NEIGHBOURS = 7, 20
 MASK_LIMITS = (5, 1, 1)  # a person's pictures: mask1..5 worn, one incorrect, one not worn
-FACE = (slice(6, 28), slice(5, 19))  # of the 32 x 24 thumbnail: where face and mask are; the frame around it
 
 
-# ---- scene descriptors and groups ------------------------------------------------------------------------
-def scene(path):
-    """A picture's scene descriptor: its 12 x 16 thumbnail (each colour channel normalized: light and tint change
-    between pictures) and the colour histogram outside the face, each part of unit length."""
-    pixels = np.asarray(load_image(path, draft_size=(48, 64)).resize((24, 32), Image.BILINEAR), np.float32)
-    pixels = (pixels - pixels.mean((0, 1))) / (pixels.std((0, 1)) + 1e-6)
-    frame = np.ones(pixels.shape[:2], bool)
-    frame[FACE] = False
-    thumb = pixels[::2, ::2].flatten()
-    hist = np.sqrt(np.concatenate([np.histogram(pixels[..., c][frame], bins=12, range=(-3, 3))[0] for c in range(3)]))
-    return np.concatenate([thumb / np.linalg.norm(thumb), hist / np.linalg.norm(hist)]) / np.sqrt(2)
-
-
-def scenes(files, workers=None):
-    """Scene descriptors of files, on every core."""
-    with Pool(workers or os.cpu_count()) as pool:
-        return np.stack(pool.map(scene, files, chunksize=32))
+# ---- picture descriptors and groups -----------------------------------------------------------------------
+def embed(files, batch_size=64):
+    """Unit descriptors of whole pictures: ImageNet tf_efficientnet_lite0's pooled features (offline weights from
+    kit.weights; the same network for every run, so a run's OOF and its test set are described alike), centred on
+    the set. What a person's pictures share (background, clothes, hair, light) is what ImageNet features see."""
+    network = create_model("tf_efficientnet_lite0", 1000, pretrained=False, weights=lite0_weights()).eval()
+    transform = build_transform("base", EMBED_SIZE, "bilinear", train=False)
+    loader = DataLoader(ImageDataset(files, None, transform, draft_size=EMBED_SIZE[:0:-1]), batch_size)
+    backbone, parts = network.backbone, []
+    with torch.no_grad():
+        for images, _, _ in loader:
+            parts.append(backbone.forward_head(backbone.forward_features(network.normalize(images)), pre_logits=True))
+    features = torch.cat(parts).double().numpy()
+    features -= features.mean(0)
+    return features / np.linalg.norm(features, axis=1, keepdims=True).clip(1e-12)
 
 
 def candidate_pairs(embedding, threshold):
-    """(i, j, distance) of each picture and its nearest neighbours under threshold, nearest first."""
+    """(distance, i, j) of each picture and its nearest neighbours under threshold, nearest first."""
     pairs = []
     for start in range(0, len(embedding), 1024):  # blocks: a large test set's distance matrix is never whole
         distance = 1 - embedding[start:start + 1024] @ embedding.T
@@ -162,8 +162,8 @@ class People:
     decision: dict = field(default_factory=dict)
 
     def apply(self, probs, embedding):
-        """(pooled probabilities, group labels) of test pictures (their scene descriptors: embedding), grouped
-        and pooled as the OOF was."""
+        """(pooled probabilities, group labels) of test pictures (their descriptors: embedding), grouped and
+        pooled as the OOF was."""
         groups = group(embedding, head_marginals(probs)[0].argmax(1), self.threshold)
         return pooled(probs, groups, HEAD_CHOICES[self.heads]), groups
 
@@ -174,7 +174,7 @@ class People:
 
 
 def fit(oof, embedding):
-    """People fitted and measured out of fold on a run's oof frame and its pictures' scene descriptors. All the
+    """People fitted and measured out of fold on a run's oof frame and its pictures' descriptors. All the
     OOF pictures are grouped together (no label or person used), so each meets as many strangers as in a test set
     of that size; for each fold k the threshold and heads are chosen on the other folds' pictures and fold k's are
     pooled with them."""
@@ -223,8 +223,13 @@ def fit_run(run_dir, data_dir=None):
     if missing:
         raise UserError(f"{len(missing)} training pictures of {run_dir} are not under {data_dir} (first: {missing[0]}):"
                         " pass --data_dir the folder the run trained on")
-    people = fit(oof, scenes(files))
+    people = fit(oof, embed(files))
     atomic_write(Path(run_dir) / "people.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(people), indent=2)))
+    metrics_path = Path(run_dir) / "metrics.json"
+    if metrics_path.is_file():  # its evidence beside the run's other scores
+        metrics = {**json.loads(metrics_path.read_text()), "people": {key: getattr(people, key) for key in (
+            "applied", "purity", "oof_macro_f1", "oof_macro_f1_pooled", "age_f1", "age_f1_pooled", "heads")}}
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return people
 
 

@@ -33,6 +33,8 @@ def parse_args(argv=None):
 if __name__ == "__main__":  # --help and a mistyped flag answer now, before the heavy imports below
     run_main(parse_args)
 
+import json
+
 import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -227,6 +229,17 @@ def decision_html(run_dir, classes):
             f"folds; {html.escape(rule.reason)} (by inference.py when applied).</p>" + table_html(table))
 
 
+def people_html(metrics):
+    """Person-consistent answers' out-of-fold evidence (metrics.json's people), if the run fitted them."""
+    found = metrics.get("people")
+    if not found:
+        return ""
+    return (f"<h3>Person-consistent answers ({html.escape(found['heads'])} pooled)</h3><p>OOF macro F1 "
+            f"{found['oof_macro_f1']:.4f} without, {found['oof_macro_f1_pooled']:.4f} with (each with its cross-fitted "
+            f"decision rule); grouping purity {found['purity']:.3f}; age head F1 {found['age_f1']:.4f} -> "
+            f"{found['age_f1_pooled']:.4f}; {'applied' if found['applied'] else 'not applied'} by inference.py.</p>")
+
+
 def image_html(path, caption):
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return (f'<h2>{html.escape(caption)}</h2>\n<img alt="{html.escape(Path(path).name)}" '
@@ -241,7 +254,8 @@ def write_html(run_dir, metrics, config, class_table, pngs):
     title = f"Run report: {Path(run_dir).name}"
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(str(Path(run_dir).resolve()))}, data "
             f"{html.escape(str(config.get('data_dir')))}, layout {html.escape(str(config.get('layout')))}</p>",
-            metrics_html(metrics, config, class_table), decision_html(run_dir, config["classes"])]
+            metrics_html(metrics, config, class_table), decision_html(run_dir, config["classes"]),
+            people_html(json.loads((Path(run_dir) / "metrics.json").read_text()))]
     body += [image_html(Path(run_dir) / name, REPORT_PNGS[name]) for name in pngs]
     page = (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -219,5 +219,7 @@ def write_run_metrics(run_dir, classes, layout):
     oof = collect_oof(run_dir)
     atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
     metrics = run_metrics(oof, classes, layout, collect_oof(run_dir, "last_epoch_oof.csv"))
+    earlier = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics.update({k: v for k, v in earlier.items() if k == "people"})  # kit/people.py's, refitted at a run's end
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))
     return metrics

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def persons(count, size=7, spread=0.01, seed=0):
-    """Unit scene vectors: count tight clusters of size pictures each, and their person ids."""
+    """Unit descriptors: count tight clusters of size pictures each, and their person ids."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(count, 32))
     points = np.repeat(centres, size, axis=0) + rng.normal(scale=spread, size=(count * size, 32))
@@ -79,7 +79,7 @@ def test_the_fit_is_measured_out_of_fold_and_applied_only_on_a_gain():
     fitted = people.fit(synthetic_oof(embedding, who), embedding)
     assert fitted.applied and fitted.purity > 0.95 and fitted.oof_macro_f1_pooled > fitted.oof_macro_f1
     assert set(fitted.fold_choices) == {0, 1, 2, 3, 4} and "applied" in fitted.reason
-    scrambled = np.random.default_rng(1).permutation(embedding)  # scenes that say nothing of the person
+    scrambled = np.random.default_rng(1).permutation(embedding)  # descriptors that say nothing of the person
     refused = people.fit(synthetic_oof(embedding, who), scrambled)
     assert refused.purity < 0.6 and (refused.applied == (refused.oof_macro_f1_pooled > refused.oof_macro_f1))
 
@@ -110,7 +110,7 @@ def test_inference_answers_from_pooled_probabilities_when_the_run_says_so(people
     pd.testing.assert_frame_equal(plain, pd.read_csv(tmp_path / "auto" / "probs.csv"))  # probs.csv stays plain
     found = people.read_people(people_run)
     info = pd.read_csv(EVAL / "info.csv")
-    pooled, _ = found.apply(plain.iloc[:, 1:].to_numpy(), people.scenes([str(EVAL / "images" / i)
+    pooled, _ = found.apply(plain.iloc[:, 1:].to_numpy(), people.embed([str(EVAL / "images" / i)
                                                                           for i in info["ImageID"]]))
     assert (pd.read_csv(tmp_path / "auto" / "output.csv")["ans"] == pooled.argmax(1)).all()
 
