@@ -63,7 +63,7 @@ def test_inference_crops_as_training_did(tmp_path, path):
     backbone's feature path."""
     train.main(["--data_dir", str(ROOT / "sample" / "train"), "--model", "test_resnet", "--no-pretrained", "--head",
                 "single", "--decision", "off", "--resize", "48", "36", "--epochs", "1", "--folds", "2", "--fold", "0",
-                "--batch_size", "32", "--num_workers", "0", "--no-report", "--amp", "off", "--center_crop", "0.5",
+                "--batch_size", "32", "--num_workers", "0", "--no-report", "--people", "off", "--amp", "off", "--center_crop", "0.5",
                 "0.6", "--model_dir", str(tmp_path), "--name", "run", *path])
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())

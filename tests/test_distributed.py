@@ -20,7 +20,7 @@ import train  # noqa: E402
 from kit.common import UserError  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
-COMMON = ["--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--epochs", "6", "--folds", "2",
+COMMON = ["--people", "off", "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--epochs", "6", "--folds", "2",
           "--lr", "1e-2", "--num_workers", "0", "--skip_bad_images"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process: 2 processes on a shared CPU
 BROKEN = "images/000002_male_Asian_30/mask3.jpg"

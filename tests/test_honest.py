@@ -25,7 +25,7 @@ from kit.predict import load_run  # noqa: E402
 from support import one_line_error  # noqa: E402
 
 SAMPLE, EVAL = ROOT / "sample" / "train", ROOT / "sample" / "eval"
-TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "32", "--batch_size",
+TINY = ["--people", "off", "--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "32", "--batch_size",
         "32", "--num_workers", "0", "--no-report", "--folds", "2", "--head", "single", "--lr", "5e-3"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -155,7 +155,7 @@ def test_a_copied_and_edited_train_py_trains_and_predicts(tmp_path):
     train_py.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for command in (["train.py", "--no-pretrained", "--resize", "32", "--epochs", "1", "--folds", "2", "--fold", "0",
-                     "--batch_size", "32", "--num_workers", "0", "--no-report", "--decision", "off"],
+                     "--batch_size", "32", "--num_workers", "0", "--no-report", "--decision", "off", "--people", "off"],
                     ["inference.py", "--model_dir", "model/exp", "--num_workers", "0"]):
         done = subprocess.run([sys.executable, *command], cwd=copy, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -24,7 +24,7 @@ from support import one_line_error  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 EVAL = ROOT / "sample" / "eval"
-TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
+TINY = ["--people", "off", "--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
         "--num_workers", "0", "--no-report", "--lr", "5e-3"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

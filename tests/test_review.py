@@ -95,7 +95,7 @@ def retrain(run_dir, data, tmp_path, planted_path, true_name, dropped):
     of training; both are still scored on their given labels."""
     done = subprocess.run([sys.executable, "train.py", "--data_dir", str(data), "--model", "test_resnet",
                            "--no-pretrained", "--resize", "64", "48", "--epochs", "1", "--folds", "2",
-                           "--num_workers", "0", "--no-report", "--model_dir", str(tmp_path), "--name", "fixed",
+                           "--num_workers", "0", "--no-report", "--people", "off", "--model_dir", str(tmp_path), "--name", "fixed",
                            "--relabel_list", str(run_dir / review.RELABEL_LIST),
                            "--drop_list", str(run_dir / review.DROP_LIST)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -30,7 +30,7 @@ from kit.speed import cached_image  # noqa: E402
 
 SAMPLE = ROOT / "sample" / "train"
 SIZE = (3, 40, 32)
-TINY = ["--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
+TINY = ["--people", "off", "--data_dir", str(SAMPLE), "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
         "--batch_size", "32", "--num_workers", "0", "--folds", "2", "--head", "single"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: much faster on a shared CPU
 

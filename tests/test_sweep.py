@@ -15,7 +15,7 @@ import train  # noqa: E402
 from kit import compare, sweep  # noqa: E402
 from support import one_line_error  # noqa: E402
 
-TRAIN = ["--data_dir", str(ROOT / "sample" / "train"), "--model", "test_resnet", "--no-pretrained", "--resize", "32",
+TRAIN = ["--people", "off", "--data_dir", str(ROOT / "sample" / "train"), "--model", "test_resnet", "--no-pretrained", "--resize", "32",
          "--batch_size", "32", "--num_workers", "0", "--folds", "2", "--head", "single", "--decision", "off"]
 SPACE = "lr: [0.002, 0.02, log]\nepochs: [1, 2]\n"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

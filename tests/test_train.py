@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample"
-TINY = ["--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--batch_size", "32",
+TINY = ["--people", "off", "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48", "--batch_size", "32",
         "--num_workers", "0"]
 
 
