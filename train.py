@@ -359,9 +359,10 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
     keep_frozen_statistics(t.model)  # --freeze_backbone is then a true linear probe
     dtype, steps = amp_dtype(device, cfg.amp), len(loader)
     total_loss, seen, preds, labels, recent = torch.zeros((), device=device), 0, [], [], []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0,
-               disable=not show or not sys.stderr.isatty(),  # a file or a pipe gets one line per epoch
-               dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
+               disable=not show or not sys.stderr.isatty())
+    if show and bar.disable:  # a file or a pipe: the epoch's number now, its figures on the same line when done
+        print(f"epoch {epoch + 1}/{cfg.epochs}", end=" ", flush=True)
     start = time.perf_counter()
     for step, (images, targets, index) in enumerate(bar):
         images, targets = to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)

@@ -34,7 +34,7 @@ def head_marginals(probs):
 def joint_from_heads(mask, gender, age):
     """Per-head probabilities (N, 3), (N, 2), (N, 3) -> (N, 18) in label order, as if independent; numpy arrays or
     tensors."""
-    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).reshape(len(mask), -1)
+    return (mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]).reshape(mask.shape[0], -1)
 
 
 def head_value_names(classes):

@@ -218,7 +218,9 @@ def write_run_metrics(run_dir, classes, layout):
     run_dir = Path(run_dir)
     oof = collect_oof(run_dir)
     atomic_write(run_dir / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False, float_format="%.6g"))
-    metrics = run_metrics(oof, classes, layout, collect_oof(run_dir, "last_epoch_oof.csv"))
+    last = collect_oof(run_dir, "last_epoch_oof.csv")  # of the same folds: another process may finish one meanwhile
+    last = None if last is None else last[last["fold"].isin(oof["fold"].unique())]
+    metrics = run_metrics(oof, classes, layout, last)
     earlier = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     metrics.update({k: v for k, v in earlier.items() if k == "people"})  # kit/people.py's, refitted at a run's end
     atomic_write(run_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)))

@@ -1,6 +1,6 @@
 """Hyper-parameter search on Optuna: each trial a real train.py run, one machine or many on one study.
 
-    python -m kit.sweep --config recipes/cpu_quick.yaml --space recipes/cpu_quick_space.yaml --minutes 60 \\
+    python -m kit.sweep --config recipes/cpu_quick.yaml --space recipes/spaces/cpu_quick.yaml --minutes 60 \\
         --data_dir /data/train --weights weights/lite0.pth                 # any other train.py argument too
     python -m kit.sweep ... --resume                                      # more trials for the same study
     CUDA_VISIBLE_DEVICES=0 python -m kit.sweep ... --storage postgresql://user:pw@host/db --resume   # a worker per
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p = KitParser(prog="python -m kit.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                   epilog="Any other argument goes to every trial's train.py (e.g. --data_dir, --weights).",
                   allow_abbrev=False)  # train.py's --model is not the sweep's --model_dir
-    p.add_argument("--space", default="recipes/cpu_quick_space.yaml", help="YAML of train.py flags to search")
+    p.add_argument("--space", default="recipes/spaces/cpu_quick.yaml", help="YAML of train.py flags to search")
     p.add_argument("--config", default="recipes/cpu_quick.yaml", help="the recipe trials start from (train.py --config)")
     p.add_argument("--trials", type=in_range(int, 1), default=20, help="trials this process runs (each worker its own)")
     p.add_argument("--minutes", type=in_range(float, 0, low_open=True), default=None,
@@ -72,7 +72,7 @@ from kit.report import image_html, save_figure
 
 PRUNERS = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
            "none": lambda: optuna.pruners.NopPruner()}
-EPOCH_LINE = re.compile(r"^fold=(\d+) epoch=(\d+) .*val_f1=([0-9.eE+-]+)")  # train.py's line per epoch
+EPOCH_LINE = re.compile(r"fold=(\d+) epoch=(\d+) .*val_f1=([0-9.eE+-]+)")  # in train.py's line per epoch
 MARKER = "sweep_trial.json"  # in each trial's run folder: its number, state and value (kit.compare reads it)
 
 
@@ -189,7 +189,7 @@ def run_trial(trial, argv, run_dir):
                                    text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in process.stdout:
             log.write(line)
-            match = EPOCH_LINE.match(line)
+            match = EPOCH_LINE.search(line)
             if match:
                 trial.report(float(match.group(3)), step)
                 print(f"trial {trial.number} fold {match.group(1)} epoch {match.group(2)}: val F1 {match.group(3)}",

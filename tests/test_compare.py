@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from kit.compare import write_leaderboard  # noqa: E402
 from test_app import headless_chromium  # noqa: E402
 
-TINY = ["--people", "off", "--data_dir", "sample/train", "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
+TINY = ["--data_dir", "sample/train", "--model", "test_resnet", "--no-pretrained", "--resize", "64", "48",
         "--folds", "2", "--batch_size", "32", "--num_workers", "0", "--head", "single", "--decision", "off"]  # as base
 
 

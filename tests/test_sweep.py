@@ -107,3 +107,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, space, args, says):
         tmp_path / "base.yaml", "lr: 0.005\n")), "--model_dir", str(tmp_path / "m"), "--name", "s", *args, *TRAIN]))
     assert says in message
     assert not (tmp_path / "m").exists()
+
+
+def test_the_shipped_search_spaces_hold_train_py_settings_only():
+    for path in (ROOT / "recipes" / "spaces").glob("*.yaml"):
+        space = sweep.read_space(path, train.build_parser())
+        assert space and all(not flag.startswith("-") for flag in space), path
