@@ -343,6 +343,9 @@ def fold_rows(table, fold):
     other = (table["fold"] != fold) & (table["train_label"] >= 0 if "train_label" in table else True)
     if "teacher_fold" in table:
         other &= (table["fold"] != PSEUDO_FOLD) | (table["teacher_fold"] == fold)
+    if not other.any() or not (table["fold"] == fold).any():
+        raise UserError(f"fold {fold} has no {'training' if (table['fold'] == fold).any() else 'validation'} "
+                        "images: lower --folds or add data")
     return table[other], table[table["fold"] == fold]
 
 

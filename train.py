@@ -237,10 +237,9 @@ def make_loader(rows, cfg, train, rank=0, world=1):
     files = [str(Path(cfg.data_dir) / p) for p in rows["path"]]
     boxes = image_boxes(rows["path"], cfg.crop, cfg.crop_margin, cfg.center_crop)
     transform = transform_of(cfg, train)
-    read = speed.image_reader(cfg, len(rows), transform)
     labels = training_labels(rows, cfg.train_age_bounds) if train else rows["label"].to_numpy()
     dataset = ImageDataset(files, labels, transform, boxes, draft_size=(cfg.input_size[2], cfg.input_size[1]),
-                           read=read)
+                           read=speed.image_reader(cfg, len(rows), transform))
     sampler, batch = None, cfg.batch_size if train else cfg.valid_batch_size
     if train and world > 1:
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=cfg.seed)
@@ -312,9 +311,6 @@ def train_fold(fold, table, cfg, device, rank=0, world=1, folds_to_time=0):
     folds_to_time, its first epoch's time gives the estimate of that many folds' epochs."""
     fold_dir = Path(cfg.run_dir) / f"fold{fold}"
     train_rows, val_rows = fold_rows(table, fold)  # corrections and pseudo-labels change training rows only
-    if val_rows.empty or train_rows.empty:
-        raise UserError(f"fold {fold} has no {'validation' if val_rows.empty else 'training'} images: "
-                        "lower --folds or add data")
     seed_everything(cfg.seed + fold)  # a fold's start does not depend on the folds before it
     train_loader, val_loader = (make_loader(r, cfg, t, rank, world) for r, t in ((train_rows, True), (val_rows, False)))
     t = build_fold(cfg, train_rows, len(train_loader), device, world)
@@ -323,12 +319,13 @@ def train_fold(fold, table, cfg, device, rank=0, world=1, folds_to_time=0):
         (t.net, eval_net), train_loader, val_loader = speed.feature_training(
             t, (train_rows, val_rows), (train_loader, val_loader), cfg, device, lambda rows: make_loader(rows, cfg, False))
     start, best_f1, stale, log = runs.resume_fold(fold_dir / "last.pth", t, vars(cfg), rank)
-    started = time.perf_counter()
+    to_estimate, started = folds_to_time * cfg.epochs - start if folds_to_time else 0, time.perf_counter()
     for epoch in range(start, cfg.epochs):
         epoch_seed = speed.mixed_seed(cfg.seed, fold, epoch, rank)  # torchrun ranks augment differently
         seed_everything(epoch_seed)  # each epoch a function of (seed, fold, epoch)
         epoch_sampler.set_epoch(epoch_seed, epoch)
-        loss, train_f1, rate = train_one_epoch(t, train_loader, cfg, device, epoch, rank == 0)
+        loss, train_f1, rate = train_one_epoch(t, train_loader, cfg, device, epoch, rank == 0,
+                                               to_estimate if epoch == start else 0)
         eval_model = t.ema.module if t.ema is not None else t.model
         probs, index = predict_probs(eval_net or eval_model, val_loader, cfg.head, device, cfg.amp, cfg.channels_last)
         probs = gather_predictions(probs, index, world)
@@ -345,24 +342,25 @@ def train_fold(fold, table, cfg, device, rank=0, world=1, folds_to_time=0):
                   + (" *" if improved else ""))
             runs.save_epoch(fold_dir, t, eval_model, {**vars(cfg), "fold": fold}, (epoch, best_f1, stale, log),
                             (val_rows, probs))
-            if folds_to_time and epoch == start:  # training and validation both timed
-                print(speed.estimate(cfg, device, time.perf_counter() - started, folds_to_time * cfg.epochs - start))
+            if to_estimate and epoch == start:  # training and validation both timed: the estimate refined
+                print(speed.estimate(cfg, device, time.perf_counter() - started, to_estimate))
         if cfg.patience and stale >= cfg.patience:
             break
     return log
 
 
-def train_one_epoch(t, loader, cfg, device, epoch, show=True):
-    """One pass over the training loader; returns (mean loss, macro F1, images/s). Losses and predictions stay
-    on the device until a progress update, so a GPU is not made to wait for the host after every step."""
+def train_one_epoch(t, loader, cfg, device, epoch, show=True, estimate_epochs=0):
+    """One pass over the training loader; returns (mean loss, macro F1, images/s). Losses and predictions stay on
+    the device until a progress update (a GPU need not wait for the host); estimate_epochs: print their estimate."""
     t.net.train()
     keep_frozen_statistics(t.model)  # --freeze_backbone is then a true linear probe
     dtype, steps = amp_dtype(device, cfg.amp), len(loader)
     total_loss, seen, preds, labels, recent = torch.zeros((), device=device), 0, [], [], []
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=1.0, dynamic_ncols=True,
+    epoch_text = f"epoch {epoch + 1}/{cfg.epochs}"
+    bar = tqdm(loader, desc=epoch_text, leave=False, mininterval=1.0, dynamic_ncols=True,
                disable=not show or not sys.stderr.isatty())
     if show and bar.disable:  # a file or a pipe: the epoch's number now, its figures on the same line when done
-        print(f"epoch {epoch + 1}/{cfg.epochs}", end=" ", flush=True)
+        print(epoch_text, end=" ", flush=True)
     start = time.perf_counter()
     for step, (images, targets, index) in enumerate(bar):
         images, targets = to_device(images, device, cfg.channels_last), targets.to(device, non_blocking=True)
@@ -388,6 +386,9 @@ def train_one_epoch(t, loader, cfg, device, epoch, show=True):
         preds.append(to_probs(logits.detach(), cfg.head).argmax(1))
         labels.append(hard_targets)
         recent.append((step, loss.detach(), index))
+        if show and estimate_epochs and step + 1 == speed.EARLY_STEPS < steps:  # the run's length, early
+            speed.say_during_epoch(speed.early_estimate(cfg, device, (time.perf_counter() - start) * steps / (step + 1),
+                                                        estimate_epochs), bar, epoch_text)
         if step % cfg.log_interval == 0 or step + 1 == steps:
             check_finite(recent, t.files, epoch)
             bar.set_postfix(loss=f"{total_loss.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")

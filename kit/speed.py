@@ -69,21 +69,42 @@ def cached_image(cache_dir, resize, path, draft_size=None, box=None):
     return pixels
 
 
-CPU_RECIPE = ("recipes/cpu_quick.yaml", "7 minutes", "2,100 pictures, 5 folds, 2 cores of an AMD EPYC")
+CPU_RECIPE = ("recipes/cpu_quick.yaml", "9.3 minutes with inference",  # measured 2026-12-03 (recipes/README.md)
+              "2,100 pictures, 5 folds, 2 cores of an AMD EPYC (Zen 4)")
 LONG_ON_A_CPU = 30 * 60  # seconds: past this a CPU user without a recipe or a size hears of cpu_quick
 
 
-def estimate(cfg, device, first_epoch_seconds, epochs):
-    """The line that tells how long the run's epochs take in all, from its first epoch (training and validation);
-    on a CPU, a long run that chose neither a recipe nor a size also names the CPU recipe and its measured time."""
-    seconds = first_epoch_seconds * epochs
-    line = (f"estimate: {epochs} epochs (folds x epochs) at {first_epoch_seconds:.0f} s each, training and validation: "
-            f"about {duration_text(seconds)} in all")
+EARLY_STEPS = 20  # training batches timed for the first estimate
+
+
+def estimate(cfg, device, epoch_seconds, epochs, measured_on="its first epoch"):
+    """The line that tells how long the run's epochs take in all (training and validation); on a CPU, a long run
+    that chose neither a recipe nor a size also names the CPU recipe and its measured time."""
+    seconds = epoch_seconds * epochs
+    line = (f"estimate from {measured_on}: {epochs} epochs (folds x epochs) at {epoch_seconds:.0f} s each, training "
+            f"and validation: about {duration_text(seconds)} in all")
     if device.type == "cpu" and seconds > LONG_ON_A_CPU and not (cfg.config or cfg.resize):
         path, minutes, measured = CPU_RECIPE
         line += (f"\nhint: on a CPU, python train.py --config {path} (with --weights for offline ImageNet weights) "
                  f"took {minutes} on {measured}: a smaller input, frozen early layers, 4 epochs")
     return line
+
+
+def early_estimate(cfg, device, training_seconds, epochs):
+    """The estimate from an epoch's first steps (training_seconds: all its batches at their pace), validation (a
+    forward pass over a fold's share of the images) guessed at a third of a training step per image; train.py
+    refines it after the epoch."""
+    validation_share = (1 / max(cfg.folds - 1, 1) if cfg.folds > 1 else cfg.val_ratio / (1 - cfg.val_ratio)) / 3
+    return estimate(cfg, device, training_seconds * (1 + validation_share), epochs, "its first steps")
+
+
+def say_during_epoch(line, bar, epoch_text):
+    """A line in the middle of an epoch: above a terminal's progress bar; in a file or a pipe on lines of its own,
+    the epoch's number written again after it (its figures follow on that line)."""
+    if bar.disable:
+        print(f"\n{line}\n{epoch_text}", end=" ", flush=True)
+    else:
+        bar.write(line)
 
 
 def physical_ram():

@@ -28,6 +28,8 @@ from kit.common import KitParser, UserError, in_range, run_main
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py
 LOCATION = ("data_dir", "weights", "model_dir", "name", "fold", "resume", "config")  # not settings of a recipe
+TABLE_RACES = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")  # two makers
+MACHINE_ONLY = ("num_workers", "cache", "cache_dir", "log_interval", "report", "valid_batch_size")  # same answers
 
 
 def parse_args(argv=None):
@@ -150,13 +152,13 @@ def storage_of(url):
     """Optuna's storage at url; workers that start together may race to make its tables: the loser tries again. A
     dead worker's trial (no heartbeat for 3 minutes) is failed and run again once, with its parameters."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: since 2.8
-    for attempt in range(3):
+    for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=60, grace_period=180,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(1))
         except Exception as err:  # SQLAlchemy raises many kinds for a URL it cannot open
-            if attempt == 2 or "already exists" not in str(err):
+            if attempt == 4 or not any(race in str(err) for race in TABLE_RACES):
                 raise UserError(f"cannot open the study storage {url} ({type(err).__name__}: "
                                 f"{' '.join(str(err).split())[:120]}): fix --storage") from None
             time.sleep(1 + attempt)
@@ -178,6 +180,23 @@ def open_study(args, sweep_dir):
     return optuna.create_study(storage=storage, study_name=args.name, direction="maximize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=args.seed),
                                pruner=lookup(PRUNERS, args.pruner, "--pruner")())
+
+
+def check_same_study(study, space, fixed):
+    """A study holds one question: a --resume (or another worker) with another space or other fixed train.py
+    settings would mix trials that do not compare, so it is refused; where data and runs live may differ."""
+    asked = json.loads(json.dumps({"space": space, "fixed": {k: v for k, v in sorted(fixed.items())
+                                                             if k not in (*LOCATION, *MACHINE_ONLY)}}))
+    started = study.user_attrs.get("question")
+    if started is None:
+        study.set_user_attr("question", asked)
+        return
+    for part in ("space", "fixed"):
+        differ = sorted(k for k in set(asked[part]) | set(started[part]) if asked[part].get(k) != started[part].get(k))
+        if differ:
+            raise UserError(f"study '{study.study_name}' was started with {part} {differ[0]}: "
+                            f"{started[part].get(differ[0])!r}, not {asked[part].get(differ[0])!r}: give the same "
+                            "--space, --config and train.py arguments, or start a new --name")
 
 
 def run_trial(trial, argv, run_dir):
@@ -263,6 +282,8 @@ def plots(study, sweep_dir):
             axes = draw(study)
         figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
         figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 4))
+        if not hasattr(axes, "flat"):  # one plot: its long flag names kept inside (slices place their own colour bar)
+            figure.tight_layout()
         save_figure(figure, sweep_dir / name)
         made.append(name)
     return made
@@ -285,10 +306,11 @@ def main(argv=None):
     clash = [w for w in train_argv if w.lstrip("-").split("=")[0] in ("fold", "resume")]
     if clash:
         raise UserError(f"{clash[0]} is the sweep's to set: trials train fold 0, or every fold with --all_folds")
-    train.parse_args(["--config", args.config, *train_argv])  # every trial's fixed train.py arguments checked now
+    fixed = train.parse_args(["--config", args.config, *train_argv])  # every trial's fixed arguments checked now
     space = read_space(args.space, parser)
     sweep_dir = Path(args.model_dir) / args.name
     study = open_study(args, sweep_dir)
+    check_same_study(study, space, {**vars(fixed), "all_folds": args.all_folds})
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective(args, train_argv, space, parser, sweep_dir), n_trials=args.trials,
                    timeout=args.minutes * 60 if args.minutes else None)

@@ -134,6 +134,12 @@ def test_bad_requests_for_people_are_one_line(people_run, tiny_run_dir, tmp_path
     config = json.loads((csv_run / "config.json").read_text())
     (csv_run / "config.json").write_text(json.dumps({**config, "layout": "folder"}))
     assert "mask layout" in one_line_error(lambda: people.fit_run(csv_run))
+    moved = tmp_path / "moved"
+    assert "pass --data_dir" in one_line_error(lambda: people.fit_run(people_run, data_dir=moved))
+    lonely = tmp_path / "lonely"  # one finished fold: nothing to fit out of fold
+    shutil.copytree(people_run, lonely, ignore=shutil.ignore_patterns("fold1"))
+    assert "two or more" in one_line_error(lambda: people.fit_run(lonely))
+    assert json.loads((people_run / "people.json").read_text()) == json.loads((lonely / "people.json").read_text())
 
 
 # ---- the shared frozen trunk -----------------------------------------------------------------------------

@@ -65,6 +65,11 @@ def test_resume_adds_trials_to_the_same_study(three_trials):
         sweep.main(argv)
     sweep.main([*argv, "--resume", "--trials", "1"])
     assert len(study_of(folder).trials) == 4
+    wider = write(folder / "wider.yaml", SPACE + "weight_decay: [0.001, 0.1, log]\n")  # another question
+    assert "space weight_decay" in one_line_error(lambda: sweep.main([*argv, "--resume", "--space", str(wider)]))
+    smaller = [*argv, "--resume", "--batch_size", "16"]
+    assert "fixed batch_size: 32, not 16" in one_line_error(lambda: sweep.main(smaller))
+    assert len(study_of(folder).trials) == 4  # nothing run: trials that do not compare stay out of the study
 
 
 def test_two_workers_share_one_study_without_losing_or_repeating_a_trial(tmp_path):

@@ -146,3 +146,31 @@ def test_folder_layout_trains_and_predicts_class_names_into_a_sample_submission(
     assert output["id"].tolist() == [r[0] for r in test_rows]
     accuracy = (output["label"] == [r[1] for r in test_rows]).mean()
     assert accuracy > 0.6, accuracy  # chance is 0.1 (digits must not be flipped: --augmentation base)
+
+
+def test_a_run_into_a_file_tells_its_length_after_its_first_steps(tmp_path):
+    """Written to a pipe: no carriage returns; the estimate of the whole run after 20 steps, refined after the
+    first epoch, and one line per epoch that starts with the epoch's number and ends with its figures."""
+    out = run("train.py", *TINY, "--batch_size", "4", "--epochs", "2", "--folds", "2", "--fold", "0", "--no-report",
+              "--model_dir", tmp_path, "--name", "timed").stdout
+    assert "\r" not in out
+    lines = out.splitlines()
+    early = next(i for i, line in enumerate(lines) if line.startswith("estimate from its first steps: 2 epochs"))
+    first = next(i for i, line in enumerate(lines) if "fold=0 epoch=1 " in line)
+    refined = next(i for i, line in enumerate(lines) if line.startswith("estimate from its first epoch: 2 epochs"))
+    assert early < first < refined and lines[first].startswith("epoch 1/2 fold=0 epoch=1 ")
+    assert next(line for line in lines if "fold=0 epoch=2 " in line).startswith("epoch 2/2 fold=0 epoch=2 ")
+
+
+def test_a_long_cpu_run_without_a_recipe_hears_of_cpu_quick():
+    import argparse
+    import torch
+    from kit import speed
+    cfg = argparse.Namespace(config=None, resize=None, folds=5, val_ratio=0.2)
+    long_line = speed.early_estimate(cfg, torch.device("cpu"), 180.0, 50)  # 3 min of batches x 50 epochs
+    assert "at 195 s each" in long_line and "about 2.7 hours" in long_line  # validation: 1/4 of the rest at 1/3
+    assert "--config recipes/cpu_quick.yaml" in long_line.splitlines()[1]
+    assert "hint" not in speed.estimate(argparse.Namespace(**{**vars(cfg), "config": "my.yaml"}),
+                                        torch.device("cpu"), 200.0, 50)
+    assert "hint" not in speed.estimate(cfg, torch.device("cuda"), 200.0, 50)  # said only where it is a CPU
+    assert "hint" not in speed.estimate(cfg, torch.device("cpu"), 20.0, 50)  # 17 minutes: not long
