@@ -162,6 +162,7 @@ class People:
     group_size: float
     fold_choices: dict = field(default_factory=dict)
     decision: dict = field(default_factory=dict)
+    merges: dict = field(default_factory=dict)  # what wrong merges cost against what pure groups gained
 
     def apply(self, probs, embedding):
         """(pooled probabilities, group labels) of test pictures (their descriptors: embedding), grouped and
@@ -201,8 +202,8 @@ def evidence(oof, probs, crossed, groups, final, choices):
     plain_rule, pooled_rule = (decision.fit(p, labels, folds, decision.class_prior(labels, p.shape[1]))
                                for p in (probs, crossed))
     plain_f1, pooled_f1 = (r.cross_fitted_macro_f1 if r.applied else r.oof_macro_f1 for r in (plain_rule, pooled_rule))
-    answers = (decision.cross_fitted_preds(p, labels, folds, decision.param_grid(r.rule))[0] if r.applied
-               else p.argmax(1) for p, r in ((probs, plain_rule), (crossed, pooled_rule)))
+    answers = [decision.cross_fitted_preds(p, labels, folds, decision.param_grid(r.rule))[0] if r.applied
+               else p.argmax(1) for p, r in ((probs, plain_rule), (crossed, pooled_rule))]
     age = [scores(labels % 3, a % 3, list(range(3)))["macro_f1"] for a in answers]
     gain, share = pooled_f1 - plain_f1, purity(groups, oof["profile"])
     reason = (f"{'applied' if gain > 0 else 'not applied'}: out-of-fold macro F1 {pooled_f1:.4f} with {final[1]} "
@@ -210,7 +211,19 @@ def evidence(oof, probs, crossed, groups, final, choices):
     return People(threshold=final[0], heads=final[1], applied=bool(gain > 0), reason=reason, purity=share,
                   oof_macro_f1=plain_f1, oof_macro_f1_pooled=pooled_f1, age_f1=age[0], age_f1_pooled=age[1],
                   group_size=float(pd.Series(groups).value_counts().mean()), fold_choices=choices,
-                  decision=asdict(pooled_rule))
+                  decision=asdict(pooled_rule), merges=merge_costs(groups, oof["profile"], labels, answers))
+
+
+def merge_costs(groups, people, labels, answers):
+    """Answers turned right -> wrong and wrong -> right by pooling, for the pictures merged into another person's
+    group (its most common person is not theirs) and for those in groups of one person."""
+    frame = pd.DataFrame({"group": groups, "person": np.asarray(people)})
+    merged = (frame["person"] != frame.groupby("group")["person"].transform(lambda s: s.value_counts().index[0]))
+    mixed = frame.groupby("group")["person"].transform("nunique").to_numpy() > 1
+    before, after = (a == labels for a in answers)
+    return {name: {"pictures": int(rows.sum()), "right_to_wrong": int((before & ~after)[rows].sum()),
+                   "wrong_to_right": int((~before & after)[rows].sum())}
+            for name, rows in (("merged", merged.to_numpy()), ("pure_groups", ~mixed))}
 
 
 def fit_run(run_dir, data_dir=None):
@@ -254,7 +267,9 @@ def read_people(run_dir):
 def summary(people):
     return (f"person-consistent answers ({people.heads} pooled in groups under distance {people.threshold}, "
             f"{people.group_size:.1f} pictures a group): {people.reason}; age head F1 {people.age_f1:.4f} -> "
-            f"{people.age_f1_pooled:.4f}")
+            f"{people.age_f1_pooled:.4f}" + "".join(
+                f"; {kind.replace('_', ' ')}: {m['pictures']} pictures, {m['right_to_wrong']} right -> wrong, "
+                f"{m['wrong_to_right']} wrong -> right" for kind, m in people.merges.items()))
 
 
 def main(argv=None):

@@ -79,6 +79,9 @@ def test_the_fit_is_measured_out_of_fold_and_applied_only_on_a_gain():
     fitted = people.fit(synthetic_oof(embedding, who), embedding)
     assert fitted.applied and fitted.purity > 0.95 and fitted.oof_macro_f1_pooled > fitted.oof_macro_f1
     assert set(fitted.fold_choices) == {0, 1, 2, 3, 4} and "applied" in fitted.reason
+    pure = fitted.merges["pure_groups"]  # one person's noisy answers pooled: more fixed than broken
+    assert pure["pictures"] > 0.9 * len(who) and pure["wrong_to_right"] > pure["right_to_wrong"]
+    assert fitted.merges["merged"]["pictures"] < 0.05 * len(who)
     scrambled = np.random.default_rng(1).permutation(embedding)  # descriptors that say nothing of the person
     refused = people.fit(synthetic_oof(embedding, who), scrambled)
     assert refused.purity < 0.6 and (refused.applied == (refused.oof_macro_f1_pooled > refused.oof_macro_f1))
