@@ -265,6 +265,18 @@ def summary(rule):
     return "\n".join(lines)
 
 
+def read_answers(path):
+    """A labelled test set's answers (ImageID,ans); a test table whose ans is one placeholder (info.csv) is refused."""
+    import pandas as pd
+    answers = pd.read_csv(path)
+    if {"ImageID", "ans"} - set(answers.columns):
+        raise UserError(f"{path} needs the columns ImageID,ans, not {','.join(map(str, answers.columns))}")
+    if len(answers) > 1 and answers["ans"].nunique() == 1:
+        raise UserError(f"{path} answers {answers['ans'].iloc[0]} for all {len(answers)} images, like info.csv's "
+                        "placeholder: pass the true labels (e.g. make_photo_people's eval/answers.csv)")
+    return answers
+
+
 def held_out_report(rule, probs_csv, answers_csv):
     """Plain vs rule macro F1 on a labelled test set: inference.py's probs.csv and an answers file
     (ImageID,ans), e.g. make_photo_people's eval/answers.csv."""
@@ -272,7 +284,7 @@ def held_out_report(rule, probs_csv, answers_csv):
     for path in (probs_csv, answers_csv):
         if not Path(path).is_file():
             raise UserError(f"{path} not found: pass inference.py's probs.csv and the matching answers.csv")
-    probs = pd.read_csv(probs_csv).merge(pd.read_csv(answers_csv), on="ImageID", validate="one_to_one")
+    probs = pd.read_csv(probs_csv).merge(read_answers(answers_csv), on="ImageID", validate="one_to_one")
     if len(probs) == 0:
         raise UserError(f"{probs_csv} and {answers_csv} share no ImageID: pass files of the same test set")
     matrix, labels = probs[[f"p{c}" for c in range(rule.n_classes)]].to_numpy(float), probs["ans"].to_numpy(int)
@@ -280,6 +292,27 @@ def held_out_report(rule, probs_csv, answers_csv):
     plain = macro_f1(labels, matrix.argmax(1), rule.n_classes)
     ruled = macro_f1(labels, DecisionRule(**applied).predict(matrix), rule.n_classes)
     return f"held-out ({len(labels)} images): plain macro F1 {plain:.4f}, with {rule.params} {ruled:.4f}"
+
+
+def submission_report(submission_csv, answers_csv, n_classes):
+    """Macro F1 and accuracy of a submission (inference.py's output.csv: what was answered, with the rule and
+    person-consistent answers where the run applied them) on a labelled test set; per head on the mask layout."""
+    import pandas as pd
+    from kit.labels import split_label
+    for path in (submission_csv, answers_csv):
+        if not Path(path).is_file():
+            raise UserError(f"{path} not found: pass inference.py's output.csv and the matching answers.csv")
+    both = pd.read_csv(submission_csv).merge(read_answers(answers_csv), on="ImageID", suffixes=("", "_true"))
+    if len(both) == 0 or "ans_true" not in both:
+        raise UserError(f"{submission_csv} and {answers_csv} share no ImageID with an ans column: pass an output.csv "
+                        "and the answers of the same test set")
+    answered, labels = both["ans"].to_numpy(int), both["ans_true"].to_numpy(int)
+    line = (f"held-out submission ({len(labels)} images): macro F1 {macro_f1(labels, answered, n_classes):.4f}, "
+            f"accuracy {(answered == labels).mean():.4f}")
+    if n_classes == 18:
+        heads = zip(("mask", "gender", "age"), split_label(answered), split_label(labels), (3, 2, 3))
+        line += "".join(f", {name} {macro_f1(true, given, size):.3f}" for name, given, true, size in heads)
+    return line
 
 
 def parse_args(argv=None):
@@ -290,16 +323,21 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="", help="write the fitted rule here (e.g. RUN_DIR/decision.json)")
     parser.add_argument("--probs", default="", help="also score on a labelled test set: inference.py's probs.csv")
     parser.add_argument("--answers", default="", help="its true labels (ImageID,ans), e.g. eval/answers.csv")
+    parser.add_argument("--submission", default="", help="also score what was answered: inference.py's output.csv")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if (args.probs or args.submission) and not args.answers:
+        raise UserError("--probs and --submission are scored against --answers: pass the test set's answers.csv")
     probs, labels, folds = read_oof(args.oof)
     rule = fit(probs, labels, folds, class_prior(labels, probs.shape[1]), args.rule)
     print(summary(rule))
-    if args.probs or args.answers:
+    if args.probs or (args.answers and not args.submission):  # --answers alone: held_out_report asks for --probs
         print(held_out_report(rule, args.probs, args.answers))
+    if args.submission:
+        print(submission_report(args.submission, args.answers, rule.n_classes))
     if args.out:
         rule.to_json(args.out)
         print(f"wrote {args.out}")

@@ -99,3 +99,24 @@ def test_held_out_report_scores_plain_and_rule(tmp_path):
     assert report.startswith(f"held-out ({len(labels)} images): plain macro F1 ")
     with pytest.raises(UserError, match="not found"):
         decision.held_out_report(rule, tmp_path / "nope.csv", tmp_path / "answers.csv")
+
+
+def test_a_submission_is_scored_with_its_heads_and_a_placeholder_answer_file_is_refused(tmp_path):
+    import pandas as pd
+    labels = np.arange(36) % 18
+    answered = labels.copy()
+    answered[:3] = [6, 1, 5]  # 0 -> 6: mask wrong; 1 -> 1 right; 2 -> 5: gender wrong (age kept)
+    ids = [f"{i:04d}.jpg" for i in range(36)]
+    pd.DataFrame({"ImageID": ids, "ans": answered}).to_csv(tmp_path / "output.csv", index=False)
+    pd.DataFrame({"ImageID": ids[::-1], "ans": labels[::-1]}).to_csv(tmp_path / "answers.csv", index=False)
+    line = decision.submission_report(tmp_path / "output.csv", tmp_path / "answers.csv", 18)
+    from sklearn.metrics import f1_score
+    assert f"macro F1 {f1_score(labels, answered, average='macro'):.4f}, accuracy {34 / 36:.4f}" in line
+    assert f"mask {f1_score(labels // 6, answered // 6, average='macro'):.3f}" in line and "age 1.000" in line
+    pd.DataFrame({"ImageID": ids, "ans": 0}).to_csv(tmp_path / "info.csv", index=False)
+    with pytest.raises(UserError, match="placeholder"):
+        decision.submission_report(tmp_path / "output.csv", tmp_path / "info.csv", 18)
+    probs, oof_labels, folds = imbalanced()
+    rule = decision.fit(probs, oof_labels, folds, decision.class_prior(oof_labels, 4))
+    with pytest.raises(UserError, match="placeholder"):  # the probabilities' report reads answers alike
+        decision.held_out_report(rule, tmp_path / "output.csv", tmp_path / "info.csv")
